@@ -1,0 +1,39 @@
+"""Error types that name the file and the field at fault.
+
+Every user-facing failure in instsim derives from :class:`InstsimError`, so scripts can turn it into
+one clear line on stderr and a non-zero exit instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InstsimError(Exception):
+    """Base class: a problem with user input or state that the user can fix."""
+
+
+class InputError(InstsimError, ValueError):
+    """Bad input data.
+
+    Args:
+        file: the file (or folder) the problem was found in.
+        field: the json field / config key / frame field at fault, e.g. ``frames[3].transform_matrix``.
+        message: what is wrong, in words.
+    """
+
+    def __init__(self, file: str | Path | None, field: str | None, message: str) -> None:
+        self.file = str(file) if file is not None else None
+        self.field = field
+        self.message = message
+        where = []
+        if self.file:
+            where.append(self.file)
+        if field:
+            where.append(f"field '{field}'")
+        prefix = ": ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class ConfigError(InputError):
+    """A config value that is wrong in a way the JSON schema cannot express."""
