@@ -1,0 +1,27 @@
+# instsim: learn which synthetic training images to make.
+# The rules live in workflow/rules/ by topic; workflow/rules/common.smk validates the config.
+from snakemake.utils import min_version
+
+min_version("8.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    cls="|".join(CLASSES),
+    split="train|val|test",
+    tsplit="val|test",
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/target.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

@@ -1,0 +1,51 @@
+"""Running a library function as a workflow stage: logging to the rule's log file and clean failures.
+
+Workflow scripts are thin: they call :func:`run_stage` with a function of the ``snakemake`` object. A
+user-fixable problem (:class:`~instsim.errors.InstsimError`) becomes one clear line in the log and on
+stderr and a non-zero exit, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import InstsimError
+
+__all__ = ["run_stage", "setup_logging"]
+
+log = logging.getLogger("instsim")
+
+
+def setup_logging(log_path: str | Path | None, level: int = logging.INFO) -> None:
+    """Send instsim's log records to ``log_path`` (if given) and to stderr, with timestamps."""
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    root = logging.getLogger("instsim")
+    root.setLevel(level)
+    root.handlers.clear()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="w"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.propagate = False
+
+
+def run_stage(snakemake: Any, body: Callable[[Any], None]) -> None:
+    """Run ``body(snakemake)`` with logging set up on ``snakemake.log[0]``; exit 1 on :class:`InstsimError`."""
+    log_path = snakemake.log[0] if len(snakemake.log) else None
+    setup_logging(log_path)
+    name = getattr(snakemake, "rule", "stage")
+    start = time.perf_counter()
+    log.info("%s: started (wildcards %s)", name, dict(snakemake.wildcards.items()))
+    try:
+        body(snakemake)
+    except InstsimError as e:
+        log.error("%s failed: %s", name, e)
+        sys.exit(1)
+    log.info("%s: done in %.1f s", name, time.perf_counter() - start)

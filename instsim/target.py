@@ -1,0 +1,190 @@
+"""The ``render_target`` stage: the detection target domain, with COCO annotations.
+
+One object per image, its pose drawn from the *target* pose distribution (which Neural-Sim does not see;
+only the images of the ``val`` split steer it), moved off-centre by a random principal-point shift and
+composited over a procedural background. Boxes are tight around the rendered alpha mask.
+
+Procedural classes are rendered by the ground-truth hand renderer at the sampled pose. Folder classes
+(no renderer for new poses) draw views from the dataset's own val/test images, each view weighted by the
+target probability of the pose bin it falls in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .backgrounds import boxes_from_alpha, composite, random_backgrounds
+from .cameras import Intrinsics, PoseSpace, spherical_from_pose
+from .datasets import class_seed
+from .errors import InputError
+from .intrinsics import look_at_centre
+from .io import atomic_dir, write_json, write_png
+from .transforms import load_views, read_transforms
+
+__all__ = ["render_target", "coco_categories"]
+
+log = logging.getLogger(__name__)
+
+#: alpha above which a pixel counts as object for the box
+BOX_ALPHA = 0.5
+
+
+def coco_categories(class_names: list[str]) -> list[dict]:
+    """COCO categories in config order, ids from 1."""
+    return [{"id": i + 1, "name": name, "supercategory": "object"} for i, name in enumerate(class_names)]
+
+
+def _procedural_renderer(gesture: str, supersample: int) -> Callable[[torch.Tensor, Intrinsics], torch.Tensor]:
+    from .scene import make_hand, render_scene
+
+    scene = make_hand(gesture)
+    return lambda c2w, intr: render_scene(scene, c2w[None], intr, supersample=supersample)[0]
+
+
+class _FolderViews:
+    """Views of a folder class, picked by the target probability of their pose bin."""
+
+    def __init__(self, path: Path, space: PoseSpace, probs: Mapping[str, torch.Tensor], size: int) -> None:
+        views, poses = [], []
+        for split in ("test", "val"):
+            tf_path = path / f"transforms_{split}.json"
+            if tf_path.is_file():
+                v = load_views(tf_path, read_transforms(tf_path))
+                views.append(v.images)
+                poses.append(v.poses)
+        if not views:
+            raise InputError(path, "transforms_test.json", "a folder class needs val or test views for the target domain")
+        images = torch.cat(views)
+        self.poses = torch.cat(poses)
+        az, el, r = spherical_from_pose(self.poses.double(), look_at_centre(self.poses))
+        weight = torch.ones(len(images), dtype=torch.float64)
+        for name, value in (("azimuth", torch.rad2deg(az) % 360), ("elevation", torch.rad2deg(el)), ("zoom", r)):
+            f = space.factor(name)
+            idx = ((value - f.low) / f.width).floor().long().clamp(0, f.bins - 1)
+            weight = weight * probs[name][idx]
+        if not weight.sum() > 0:
+            raise InputError(path, "frames", "no view falls in a pose bin the target distribution gives weight to")
+        self.weight = weight
+        self.images = _square_resize(images, size)
+
+    def draw(self, gen: torch.Generator) -> torch.Tensor:
+        i = int(torch.multinomial(self.weight, 1, generator=gen))
+        return self.images[i]
+
+
+def _square_resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre-crop ``(N, H, W, C)`` to square and resize to ``size`` (area filter)."""
+    n, h, w, c = images.shape
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    x = images[:, top : top + s, left : left + s].permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=(size, size), mode="area" if s > size else "bilinear", align_corners=None if s > size else False)
+    return x.permute(0, 2, 3, 1).clamp(0, 1).contiguous()
+
+
+def _shift_image(rgba: torch.Tensor, du: int, dv: int) -> torch.Tensor:
+    """Translate ``(H, W, 4)`` by whole pixels, filling with transparent pixels."""
+    out = torch.zeros_like(rgba)
+    h, w = rgba.shape[:2]
+    ys, yd = (slice(0, h - dv), slice(dv, h)) if dv >= 0 else (slice(-dv, h), slice(0, h + dv))
+    xs, xd = (slice(0, w - du), slice(du, w)) if du >= 0 else (slice(-du, w), slice(0, w + du))
+    out[yd, xd] = rgba[ys, xs]
+    return out
+
+
+def render_target(
+    classes: Mapping[str, Mapping[str, Any]],
+    space: PoseSpace,
+    probs: Mapping[str, torch.Tensor],
+    target_cfg: Mapping[str, Any],
+    split: str,
+    seed: int,
+    images_dir: str | Path,
+    annotations_path: str | Path,
+    distribution_path: str | Path,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Render the ``split`` (``val`` or ``test``) of the target domain.
+
+    Writes ``images_dir/NNNNN.png`` (RGB), the COCO ``annotations_path`` and ``distribution_path`` (the
+    target pose distribution, read by the oracle baseline). Returns the number of images per class.
+    """
+    names = list(classes)
+    n = int(target_cfg["images"][split])
+    size = int(target_cfg["image_size"])
+    supersample = int(target_cfg["supersample"])
+    intr = Intrinsics.from_fov(size, size, math.radians(float(target_cfg["fov_deg"])))
+    gen = torch.Generator().manual_seed(class_seed(seed, "target", split))
+    labels = torch.arange(n) % len(names)
+    labels = labels[torch.randperm(n, generator=gen)]
+    poses = space.sample(probs, n, gen).poses()
+    max_shift = float(target_cfg["max_shift"]) * size
+    shifts = ((torch.rand(n, 2, generator=gen) * 2 - 1) * max_shift).round()
+    backgrounds = random_backgrounds(n, size, gen)
+
+    renderers: dict[str, Any] = {}
+    for name in names:
+        cfg = classes[name]
+        if cfg["source"] == "procedural":
+            renderers[name] = _procedural_renderer(cfg["gesture"], supersample)
+        else:
+            renderers[name] = _FolderViews(Path(cfg["path"]).expanduser(), space, probs, size)
+
+    images, annotations = [], []
+    counts = {name: 0 for name in names}
+    with atomic_dir(images_dir) as tmp:
+        for i in tqdm(range(n), desc=f"target/{split}", unit="img", disable=not progress, mininterval=2.0):
+            name = names[int(labels[i])]
+            du, dv = int(shifts[i, 0]), int(shifts[i, 1])
+            source = renderers[name]
+            if isinstance(source, _FolderViews):
+                rgba = _shift_image(source.draw(gen), du, dv)
+            else:
+                rgba = source(poses[i], intr.shifted(du, dv))
+            box = boxes_from_alpha(rgba[None, ..., 3], BOX_ALPHA)[0]
+            if box[2] <= 0 or box[3] <= 0:
+                raise InputError(
+                    None, f"classes.{name}", f"target image {i}: the object is not visible at the sampled pose"
+                )
+            rgb = composite(rgba, backgrounds[i])
+            file_name = f"{i:05d}.png"
+            write_png(tmp / file_name, rgb.numpy())
+            images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
+            x, y, w, h = (float(v) for v in box)
+            annotations.append(
+                {
+                    "id": i + 1,
+                    "image_id": i + 1,
+                    "category_id": int(labels[i]) + 1,
+                    "bbox": [x, y, w, h],
+                    "area": float((rgba[..., 3] > BOX_ALPHA).sum()),
+                    "iscrowd": 0,
+                }
+            )
+            counts[name] += 1
+    coco = {
+        "info": {"description": f"instsim target domain, split {split}", "seed": seed},
+        "images": images,
+        "annotations": annotations,
+        "categories": coco_categories(names),
+    }
+    write_json(annotations_path, coco)
+    write_json(
+        distribution_path,
+        {
+            "pose_space": space.to_dict(),
+            "probabilities": {f: [float(p) for p in probs[f]] for f in space.FACTORS},
+            "classes": names,
+            "note": "target pose distribution (independent per factor, shared by all classes)",
+        },
+    )
+    log.info("target/%s: %d images %s", split, n, counts)
+    return counts

@@ -1,0 +1,57 @@
+# Config validation and input functions shared by all rules.
+import jsonschema
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from instsim.config import check_config
+from instsim.errors import InstsimError
+
+SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
+
+
+def _validate_config(config):
+    """Schema check with a one-line message per problem (key path: reason), then cross-field checks."""
+    try:
+        validate(config, schema=SCHEMA)
+    except WorkflowError:
+        with open(SCHEMA) as f:
+            schema = yaml.safe_load(f)
+        errors = jsonschema.Draft202012Validator(schema).iter_errors(config)
+        lines = sorted(
+            f"  {'.'.join(str(p) for p in e.absolute_path) or '(top level)'}: {e.message}" for e in errors
+        )
+        raise WorkflowError("Invalid config (checked against workflow/schemas/config.schema.yaml):\n" + "\n".join(lines))
+    try:
+        check_config(config)
+    except InstsimError as e:
+        raise WorkflowError(f"Invalid config: {e}")
+
+
+_validate_config(config)
+
+RESULTS = config["results_dir"].rstrip("/")
+CLASSES = list(config["classes"])
+SPLITS = ["train", "val", "test"]
+TARGET_SPLITS = ["val", "test"]
+
+
+def res(path):
+    """A path under the results folder."""
+    return f"{RESULTS}/{path}"
+
+
+def class_source_files(wildcards):
+    """The folder dataset's train json for folder classes (so edits to it rerun the import); none otherwise."""
+    cls = config["classes"][wildcards.cls]
+    if cls["source"] == "folder":
+        return [f"{cls['path']}/transforms_train.json"]
+    return []
+
+
+def all_outputs():
+    """Targets of the default target: the final files of every stage that exists so far."""
+    return [
+        *expand(res("data/{cls}/intrinsics.json"), cls=CLASSES),
+        *expand(res("target/{tsplit}/annotations.json"), tsplit=TARGET_SPLITS),
+    ]

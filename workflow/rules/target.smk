@@ -1,0 +1,22 @@
+# The detection target domain: images at the target pose distribution, COCO annotations.
+
+
+rule render_target:
+    output:
+        images=directory(res("target/{tsplit}/images")),
+        annotations=res("target/{tsplit}/annotations.json"),
+        distribution=res("target/{tsplit}/distribution.json"),
+    params:
+        classes=config["classes"],
+        pose_space=config["pose_space"],
+        target=config["target"],
+        seed=config["seed"],
+    log:
+        res("logs/render_target/{tsplit}.log"),
+    benchmark:
+        res("benchmarks/render_target/{tsplit}.tsv")
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    script:
+        "../scripts/render_target.py"

@@ -1,0 +1,18 @@
+"""generate_dataset: render (procedural) or import (folder) one class's BlenderNeRF dataset."""
+
+from pathlib import Path
+
+from instsim.datasets import generate_procedural, import_folder
+from instsim.stage import run_stage
+
+
+def main(sm):
+    source = sm.params.source
+    out_dir = Path(sm.output.transforms[0]).parent
+    if source["source"] == "procedural":
+        generate_procedural(source["gesture"], out_dir, sm.params.dataset, sm.params.seed)
+    else:
+        import_folder(source["path"], out_dir, sm.params.dataset["val_fraction"])
+
+
+run_stage(snakemake, main)  # noqa: F821 (injected by Snakemake)

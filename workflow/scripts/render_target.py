@@ -1,0 +1,24 @@
+"""render_target: the detection target domain (one split) with COCO annotations."""
+
+from instsim.cameras import PoseSpace
+from instsim.stage import run_stage
+from instsim.target import render_target
+
+
+def main(sm):
+    space = PoseSpace.from_config(sm.params.pose_space)
+    probs = space.check_probs(sm.params.target["distribution"], source="config", field="target.distribution")
+    render_target(
+        sm.params.classes,
+        space,
+        probs,
+        sm.params.target,
+        sm.wildcards.tsplit,
+        sm.params.seed,
+        sm.output.images,
+        sm.output.annotations,
+        sm.output.distribution,
+    )
+
+
+run_stage(snakemake, main)  # noqa: F821 (injected by Snakemake)
