@@ -38,8 +38,9 @@ BOX_ALPHA = 0.5
 
 
 def coco_categories(class_names: list[str]) -> list[dict]:
-    """COCO categories in config order, ids from 1."""
-    return [{"id": i + 1, "name": name, "supercategory": "object"} for i, name in enumerate(class_names)]
+    """COCO categories of the classes in sorted name order (ids from 1), so that reordering the config's
+    classes does not renumber them."""
+    return [{"id": i + 1, "name": name, "supercategory": "object"} for i, name in enumerate(sorted(class_names))]
 
 
 def _procedural_renderer(gesture: str, supersample: int) -> Callable[[torch.Tensor, Intrinsics], torch.Tensor]:
@@ -117,7 +118,7 @@ def render_target(
     Writes ``images_dir/NNNNN.png`` (RGB), the COCO ``annotations_path`` and ``distribution_path`` (the
     target pose distribution, read by the oracle baseline). Returns the number of images per class.
     """
-    names = list(classes)
+    names = sorted(classes)
     n = int(target_cfg["images"][split])
     size = int(target_cfg["image_size"])
     supersample = int(target_cfg["supersample"])

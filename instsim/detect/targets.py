@@ -155,7 +155,8 @@ def encode_targets(
     g = torch.exp(-(dx[:, None, :] ** 2 + dy[:, :, None] ** 2) / (2 * sigma[:, None, None] ** 2))
     inside = (dx.abs()[:, None, :] <= r[:, None, None]) & (dy.abs()[:, :, None] <= r[:, None, None])
     g = torch.where(inside, g, torch.zeros_like(g))
-    heat.index_reduce_(0, bi * C + ci, g, "amax", include_self=True)
+    rows = (bi * C + ci)[:, None].expand(-1, h * w)
+    heat.view(B * C, h * w).scatter_reduce_(0, rows, g.reshape(-1, h * w), "amax", include_self=True)
 
     # regression targets: larger boxes first so that the smaller box wins a shared centre cell
     order = torch.argsort(bx[:, 2] * bx[:, 3], descending=True, stable=True)

@@ -202,7 +202,7 @@ def _train_step(model: CenterNet, opt: torch.optim.Optimizer, x: torch.Tensor, t
     loss, parts = compute_loss(model(x), targets, model.cfg)
     opt.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):
-        return float(loss), parts, float("nan")
+        return float(loss.detach()), parts, float("nan")
     loss.backward()
     if grad_clip > 0:
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
@@ -210,7 +210,7 @@ def _train_step(model: CenterNet, opt: torch.optim.Optimizer, x: torch.Tensor, t
         gnorm = float(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in model.parameters() if p.grad is not None)))
     if math.isfinite(gnorm):
         opt.step()
-    return float(loss), parts, gnorm
+    return float(loss.detach()), parts, gnorm
 
 
 def _batch(images, boxes, labels, idx, cfg, step, aug: bool, dtype):
@@ -385,14 +385,14 @@ def finetune(
             x, t = _batch(images, boxes, labels, idx, aug_cfg, step, augment, dtype)
             loss, parts = compute_loss(model(x), t, cfg)
             if not torch.isfinite(loss):
-                raise DetectorTrainingError(f"fine-tuning diverged at step {step}: loss {float(loss)}")
+                raise DetectorTrainingError(f"fine-tuning diverged at step {step}: loss {float(loss.detach())}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             if history is not None:
-                history.append({"step": step, "loss": float(loss), **{k: parts[k] for k in ("heatmap", "size", "offset")}})
+                history.append({"step": step, "loss": float(loss.detach()), **{k: parts[k] for k in ("heatmap", "size", "offset")}})
     finally:
         model.train(was_training)
     return model

@@ -25,7 +25,7 @@ _CURLED = (_D(98), _D(108), _D(72))
 
 _POSES: dict[str, HandPose] = {
     "fist": HandPose(
-        thumb=ThumbPose(abduct=_D(38), pitch=_D(35), roll=_D(-83), flex=(_D(33), _D(26), _D(28))),
+        thumb=ThumbPose(abduct=_D(4), pitch=_D(36), roll=_D(-53), flex=(_D(-22), _D(50), _D(28))),
         index=FingerPose(_CURLED, _D(2)),
         middle=FingerPose(_CURLED, _D(0)),
         ring=FingerPose(_CURLED, _D(-2)),

@@ -287,10 +287,10 @@ def palm_capsules() -> list[Capsule]:
 def wrist_capsules() -> list[Capsule]:
     """The wrist (two side-by-side capsules: wider than deep) and the sleeve cuff below it."""
     caps = [
-        _skin("wrist.0", (0.0, 0.09, -0.22), (0.0, 0.09, 0.1), 0.15, palm_dir=(0.0, 0.0, 0.0)),
-        _skin("wrist.1", (0.0, -0.09, -0.22), (0.0, -0.09, 0.1), 0.15, palm_dir=(0.0, 0.0, 0.0)),
+        _skin("wrist.0", (0.0, 0.09, -0.22), (0.0, 0.09, 0.1), 0.15),
+        _skin("wrist.1", (0.0, -0.09, -0.22), (0.0, -0.09, 0.1), 0.15),
     ]
-    caps.append(Capsule("sleeve", (0.0, 0.0, -0.3), (0.0, 0.0, -0.52), 0.27, SLEEVE, SLEEVE, (0.0, 0.0, 0.0)))
+    caps.append(Capsule("sleeve", (0.0, 0.0, -0.3), (0.0, 0.0, -0.5), 0.25, SLEEVE, SLEEVE, (0.0, 0.0, 0.0)))
     return caps
 
 

@@ -1,0 +1,117 @@
+"""The workflow end to end on configs/tiny.yaml, run in a scratch folder, plus bad-config handling."""
+
+import json
+from pathlib import Path
+
+import imageio.v3 as iio
+import pytest
+
+from conftest import BLENDERNERF_TINY
+from instsim.transforms import read_transforms
+from workflow_utils import run_snakemake, tiny_config
+
+pytestmark = pytest.mark.workflow
+
+CLASSES = ["fist", "yeah", "palm"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    proc = run_snakemake(workdir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return workdir
+
+
+def test_datasets_in_blendernerf_format(tiny_run):
+    cfg = tiny_config()
+    for cls in CLASSES:
+        for split in ("train", "val", "test"):
+            tf = read_transforms(tiny_run / f"results/data/{cls}/transforms_{split}.json")
+            assert len(tf.frames) == cfg["dataset"]["views"][split]
+            img = iio.imread(tf.frames[0].image_path)
+            assert img.shape == (48, 48, 4)  # RGBA
+            assert 0 < (img[..., 3] > 0).mean() < 0.8  # object present, not cut
+            assert (img[0, :, 3] == 0).all() and (img[:, -1, 3] == 0).all()
+
+
+def test_intrinsics_json(tiny_run):
+    for cls in CLASSES:
+        info = json.loads((tiny_run / f"results/data/{cls}/intrinsics.json").read_text())
+        assert info["w"] == info["h"] == 48
+        assert info["radius"]["mean"] == pytest.approx(3.0, abs=1e-3)
+        assert 0.5 < info["scene"]["bound"] < 1.5
+        for key in ("fl_x", "fl_y", "cx", "cy", "centre"):
+            assert key in info
+
+
+def test_target_domain_coco(tiny_run):
+    for split, n in (("val", 12), ("test", 24)):
+        coco = json.loads((tiny_run / f"results/target/{split}/annotations.json").read_text())
+        assert [c["name"] for c in coco["categories"]] == sorted(CLASSES)
+        assert len(coco["images"]) == n and len(coco["annotations"]) == n
+        for ann in coco["annotations"]:
+            x, y, w, h = ann["bbox"]
+            assert w > 2 and h > 2 and x >= 0 and y >= 0 and x + w <= 48 and y + h <= 48
+        img = iio.imread(tiny_run / f"results/target/{split}/images" / coco["images"][0]["file_name"])
+        assert img.shape == (48, 48, 3)
+        dist = json.loads((tiny_run / f"results/target/{split}/distribution.json").read_text())
+        assert dist["probabilities"]["azimuth"] == tiny_config()["target"]["distribution"]["azimuth"]
+
+
+def test_val_and_test_differ(tiny_run):
+    val = iio.imread(tiny_run / "results/target/val/images/00000.png")
+    test = iio.imread(tiny_run / "results/target/test/images/00000.png")
+    assert (val != test).any()
+
+
+def test_second_run_has_nothing_to_do(tiny_run):
+    proc = run_snakemake(tiny_run, None, "-n")
+    assert proc.returncode == 0
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_folder_class_imports_blendernerf(tmp_path):
+    classes = {"fist": {"source": "procedural", "gesture": "fist"}, "shapes": {"source": "folder", "path": str(BLENDERNERF_TINY)}}
+    proc = run_snakemake(tmp_path, tiny_config(classes=classes))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    data = tmp_path / "results/data/shapes"
+    train, val = read_transforms(data / "transforms_train.json"), read_transforms(data / "transforms_val.json")
+    test = read_transforms(data / "transforms_test.json")
+    assert len(train.frames) + len(val.frames) == 30 and len(val.frames) >= 1 and len(test.frames) == 8
+    assert (data / "train" / "0001.png").is_symlink()  # linked, not copied
+    info = json.loads((data / "intrinsics.json").read_text())
+    assert info["fl_x"] == pytest.approx(88.889, abs=1e-3) and info["scene"]["aabb_scale"] == 4.0
+    coco = json.loads((tmp_path / "results/target/test/annotations.json").read_text())
+    assert {a["category_id"] for a in coco["annotations"]} == {1, 2}
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ({"dataset": {**tiny_config()["dataset"], "radius": "far"}}, "dataset.radius: 'far' is not of type 'number'"),
+        ({"classes": {"fist": {"source": "procedural", "gesture": "wave"}}}, "classes.fist.gesture: 'wave' is not one of"),
+        ({"classes": {"cup": {"source": "teapot"}}}, "classes.cup.source"),
+        ({"classes": {"mug": {"source": "folder", "path": "/nonexistent/mug"}}}, "classes.mug.path"),
+        ({"target": {**tiny_config()["target"], "distribution": {"azimuth": [1.0], "elevation": [0.2, 0.3, 0.5], "zoom": [0.2, 0.3, 0.5]}}}, "target.distribution.azimuth"),
+        ({"seeds": []}, "seeds"),
+        ({"extra_key": 1}, "Additional properties are not allowed ('extra_key'"),
+    ],
+)
+def test_bad_config_fails_clearly_without_outputs(tmp_path, override, expected):
+    proc = run_snakemake(tmp_path, tiny_config(**override))
+    assert proc.returncode != 0
+    assert expected in proc.stderr + proc.stdout, (proc.stderr + proc.stdout)[-3000:]
+    assert not (tmp_path / "results" / "data").exists()
+
+
+def test_bad_folder_dataset_fails_the_rule_clearly(tmp_path, blendernerf_copy):
+    img = blendernerf_copy / "train" / "0005.png"
+    img.write_bytes(img.read_bytes()[:200])
+    classes = {"shapes": {"source": "folder", "path": str(blendernerf_copy)}}
+    proc = run_snakemake(tmp_path, tiny_config(classes=classes), "results/data/shapes/intrinsics.json")
+    assert proc.returncode != 0
+    out = proc.stderr + proc.stdout
+    assert "transforms_train.json" in out and "frames[4].file_path" in out and "0005.png" in out
+    assert not (tmp_path / "results/data/shapes/transforms_train.json").exists()
+    assert not (tmp_path / "results/data/shapes/intrinsics.json").exists()

@@ -1,0 +1,33 @@
+"""Run the Snakemake workflow in a scratch folder, as a user would, for the workflow tests."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import REPO
+
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def tiny_config(**overrides) -> dict:
+    """The tiny config with top-level keys replaced."""
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg.update(copy.deepcopy(overrides))
+    return cfg
+
+
+def run_snakemake(workdir: Path, config: dict | None = None, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """``snakemake`` on the repo's Snakefile in ``workdir`` with ``config`` (default: tiny) written there."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_path = workdir / "test_config.yaml"
+    cfg_path.write_text(yaml.safe_dump(config if config is not None else tiny_config(), sort_keys=False))
+    cmd = [
+        sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+        "--configfile", str(cfg_path), "--cores", "2", *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
