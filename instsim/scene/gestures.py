@@ -32,7 +32,7 @@ _POSES: dict[str, HandPose] = {
         pinky=FingerPose(_CURLED, _D(-4)),
     ),
     "yeah": HandPose(
-        thumb=ThumbPose(abduct=_D(8), pitch=_D(40), roll=_D(-80), flex=(_D(15), _D(45), _D(30))),
+        thumb=ThumbPose(abduct=_D(55), pitch=_D(-2), roll=_D(-44), flex=(_D(45), _D(54), _D(20))),
         index=FingerPose((_D(4), _D(3), _D(2)), _D(12)),
         middle=FingerPose((_D(4), _D(3), _D(2)), _D(-9)),
         ring=FingerPose(_CURLED, _D(-2)),
