@@ -19,6 +19,7 @@ wildcard_constraints:
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/target.smk"
+include: "workflow/rules/nerf.smk"
 
 
 rule all:

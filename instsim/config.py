@@ -14,7 +14,10 @@ import torch
 from .cameras import PoseSpace
 from .errors import ConfigError
 
-__all__ = ["check_config", "pose_space", "target_distribution", "resolve_device"]
+__all__ = ["check_config", "pose_space", "target_distribution", "resolve_device", "gpu_jobs", "nerf_config", "NERF_WORKFLOW_KEYS"]
+
+#: keys of the config's ``nerf`` section that belong to the workflow; all others are NerfConfig fields
+NERF_WORKFLOW_KEYS = ("preset", "min_psnr", "min_mask_iou", "validation_background")
 
 
 def pose_space(config: Mapping[str, Any]) -> PoseSpace:
@@ -39,6 +42,9 @@ def check_config(config: Mapping[str, Any], source: str = "config") -> None:
     if el["low"] < -90 or el["high"] > 90:
         raise ConfigError(source, "pose_space.elevation", "elevation must lie within [-90, 90] degrees")
     target_distribution(config, source)
+    nerf = config.get("nerf")
+    if nerf is not None:
+        nerf_config(nerf["preset"], {k: v for k, v in nerf.items() if k not in NERF_WORKFLOW_KEYS}, source=source)
     for name, cls in config["classes"].items():
         if cls["source"] == "folder":
             path = Path(cls["path"]).expanduser()
@@ -57,3 +63,25 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config", "device", "'cuda' was asked for but torch sees no GPU; use 'auto' or 'cpu'")
     return torch.device(device)
+
+
+def gpu_jobs(device: str) -> int:
+    """GPUs a GPU stage asks the scheduler for: 1 when the run uses CUDA. ``auto`` on a host without a GPU
+    (e.g. a cluster's login node) asks for none; say ``device: cuda`` to get GPU nodes on a cluster."""
+    if device == "cuda":
+        return 1
+    return int(device == "auto" and torch.cuda.is_available())
+
+
+def nerf_config(preset: str, overrides: Mapping[str, Any], device: str | None = None, seed: int | None = None, source: str = "config"):
+    """The :class:`~instsim.nerf.config.NerfConfig` of a preset (``cpu`` or ``paper``) with overrides."""
+    from .nerf.config import NerfConfig
+
+    extra = dict(overrides)
+    if device is not None:
+        extra["device"] = device
+    if seed is not None:
+        extra.setdefault("seed", seed)
+    base = NerfConfig.cpu().to_dict() if preset == "cpu" else NerfConfig.paper().to_dict()
+    base.update(extra)
+    return NerfConfig.from_dict(base, source=source)

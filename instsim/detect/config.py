@@ -62,10 +62,10 @@ class DetectorConfig:
     head_width: int = 32
     stride: int = 4
     dilations: tuple[int, ...] = (1, 2, 4)
-    lr: float = 3e-3
+    lr: float = 6e-3
     weight_decay: float = 1e-4
     batch_size: int = 32
-    epochs: int = 12
+    epochs: int = 15
     steps: int | None = None
     warmup_steps: int = 30
     min_lr_ratio: float = 0.02

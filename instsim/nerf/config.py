@@ -71,8 +71,9 @@ class NerfConfig:
         max_samples: most samples per ray (early termination usually stops far sooner).
         min_transmittance: a ray stops once its transmittance drops below this.
     Training:
-        steps, batch_rays, lr, lr_final_ratio (the exponential schedule ends at ``lr * lr_final_ratio``),
-        lr_warmup (linear warm-up steps), weight_decay (MLPs only), loss ("l2" or "huber"),
+        steps; batch_samples: target network samples per step (the rays per step adapt to it, as in
+        Instant-NGP; 0 = always ``batch_rays`` rays); batch_rays: most rays per step; lr, lr_final_ratio
+        (the exponential schedule ends at ``lr * lr_final_ratio``), lr_warmup (linear warm-up steps), weight_decay (MLPs only), loss ("l2" or "huber"),
         checkpoint_every (steps), log_every (steps of the tsv log), seed, device ("auto", "cpu", "cuda",
         "cuda:N"), mixed_precision (bf16 autocast of the MLPs; CUDA only), threads (torch CPU threads,
         0 = torch's default).
@@ -102,7 +103,8 @@ class NerfConfig:
     min_transmittance: float = 1e-4
     # training
     steps: int = 20000
-    batch_rays: int = 4096
+    batch_rays: int = 262144
+    batch_samples: int = 262144
     lr: float = 1e-2
     lr_final_ratio: float = 0.1
     lr_warmup: int = 0
@@ -137,6 +139,7 @@ class NerfConfig:
             march_steps=512,
             steps=1200,
             batch_rays=4096,
+            batch_samples=16384,
             lr=1e-2,
             lr_final_ratio=0.1,
             checkpoint_every=200,
@@ -213,6 +216,7 @@ class NerfConfig:
         check_float("min_transmittance", 0.0, 1.0, hi_open=True)
         check_int("steps", 0)
         check_int("batch_rays", 1)
+        check_int("batch_samples", 0)
         check_float("lr", 0.0, 10.0, lo_open=True)
         check_float("lr_final_ratio", 0.0, 1.0, lo_open=True)
         check_int("lr_warmup", 0)

@@ -37,32 +37,67 @@ def level_resolutions(n_levels: int, base_res: int, max_res: int) -> list[int]:
     return [int(math.floor(base_res * b**lvl + 1e-6)) for lvl in range(n_levels)]
 
 
-class _HashInterp(torch.autograd.Function):
-    """``out[p] = sum_c w[p, c] * table[idx[p, c]]``: table ``(S, F)``, idx ``(P, 8)`` int64, w ``(P, 8)`` -> ``(P, F)``.
+def _lerp3(g: torch.Tensor, frac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Trilinear blend of corner values ``g`` ``(L, 2, 2, 2, N)`` (axes x, y, z) at ``frac`` ``(3, L, N)``, as
+    three nested lerps (z, then y, then x): 7 fused ops per point instead of building 8 weights.
+    Returns the blend ``(L, N)`` and the intermediate z- and y-blends (for the position gradient)."""
+    gz = torch.lerp(g[:, :, :, 0], g[:, :, :, 1], frac[2][:, None, None, :])  # (L, 2, 2, N)
+    gy = torch.lerp(gz[:, :, 0], gz[:, :, 1], frac[1][:, None, :])  # (L, 2, N)
+    return torch.lerp(gy[:, 0], gy[:, 1], frac[0]), gz, gy
 
-    Backward: the table gradient is one ``index_add_`` (a scatter of ``w * grad``), the weight gradient
-    re-gathers the table instead of keeping the ``(P, 8, F)`` gather alive between passes (memory).
+
+class _HashInterp(torch.autograd.Function):
+    """``out[f, l, n]``: feature ``f`` of level ``l`` at point ``n``, trilinearly blended from the 8 table
+    entries ``idx[l, :, n]`` with cell coordinates ``frac[:, l, n]`` in [0, 1].
+
+    Shapes: table ``(F, S)``, idx ``(L, 8, N)`` int64 (corner ``c = 4a + 2b + d`` is vertex offset
+    ``(a, b, d)``), frac ``(3, L, N)`` -> out ``(F, L, N)``. Points are the innermost (contiguous) dimension so
+    every elementwise op runs over long vectors; with the 8 corners or F features innermost torch's CPU
+    kernels crawl through tiny strided loops.
+
+    Backward: the table gradient is one 1-D ``index_add_`` per feature (a scatter of the trilinear weights
+    times the output gradient); the position gradient (only when ``frac`` needs one) re-gathers the table
+    rather than keeping the ``(F, L, 8, N)`` gather alive between passes.
     """
 
     @staticmethod
-    def forward(ctx, table: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        feats = table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[1])  # (P, 8, F)
-        out = torch.bmm(w.to(feats.dtype).unsqueeze(1), feats).squeeze(1)  # (P, F)
-        ctx.save_for_backward(table, idx, w)
+    def forward(ctx, table: torch.Tensor, idx: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        n_lv, _, n = idx.shape
+        flat_idx = idx.view(-1)
+        frac = frac.to(table.dtype)
+        out = torch.stack([_lerp3(row.index_select(0, flat_idx).view(n_lv, 2, 2, 2, n), frac)[0] for row in table])
+        ctx.save_for_backward(table, idx, frac)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        table, idx, w = ctx.saved_tensors
-        grad_table = grad_w = None
+        table, idx, frac = ctx.saved_tensors
+        n_lv, _, n = idx.shape
+        grad_table = grad_frac = None
         grad_out = grad_out.to(table.dtype)
+        flat_idx = idx.view(-1)
         if ctx.needs_input_grad[0]:
-            vals = (w.to(table.dtype).unsqueeze(-1) * grad_out.unsqueeze(1)).reshape(-1, table.shape[1])
-            grad_table = torch.zeros_like(table).index_add_(0, idx.reshape(-1), vals)
+            one_m = 1.0 - frac
+            wy = torch.stack([one_m[1], frac[1]], dim=1)[:, None, :, None, :]  # (L, 1, 2, 1, N)
+            wz = torch.stack([one_m[2], frac[2]], dim=1)[:, None, None, :, :]  # (L, 1, 1, 2, N)
+            wyz = wy * wz  # (L, 1, 2, 2, N)
+            grad_table = torch.zeros_like(table)
+            for f in range(table.shape[0]):
+                gx = torch.stack([grad_out[f] * one_m[0], grad_out[f] * frac[0]], dim=1)  # (L, 2, N)
+                vals = gx[:, :, None, None, :] * wyz  # (L, 2, 2, 2, N)
+                grad_table[f].index_add_(0, flat_idx, vals.view(-1))
         if ctx.needs_input_grad[2]:
-            feats = table.index_select(0, idx.reshape(-1)).view(*idx.shape, table.shape[1])
-            grad_w = torch.bmm(feats, grad_out.unsqueeze(-1)).squeeze(-1).to(w.dtype)  # (P, 8)
-        return grad_table, None, grad_w
+            grad_frac = torch.zeros_like(frac)
+            for f, row in enumerate(table):
+                g = row.index_select(0, flat_idx).view(n_lv, 2, 2, 2, n)
+                _, gz, gy = _lerp3(g, frac)
+                go = grad_out[f]
+                grad_frac[0] += go * (gy[:, 1] - gy[:, 0])
+                grad_frac[1] += go * torch.lerp(gz[:, 0, 1] - gz[:, 0, 0], gz[:, 1, 1] - gz[:, 1, 0], frac[0])
+                dz = g[:, :, :, 1] - g[:, :, :, 0]  # (L, 2, 2, N)
+                dzy = torch.lerp(dz[:, :, 0], dz[:, :, 1], frac[1][:, None, :])  # (L, 2, N)
+                grad_frac[2] += go * torch.lerp(dzy[:, 0], dzy[:, 1], frac[0])
+        return grad_table, None, grad_frac
 
 
 class HashEncoding(nn.Module):
@@ -73,8 +108,8 @@ class HashEncoding(nn.Module):
         base_res: N_min. max_res: N_max (cells per side of the unit cube).
         init_scale: table entries start uniform in ``[-init_scale, init_scale]`` (the paper's 1e-4).
 
-    The table of all levels is one parameter ``table`` ``(sum of level sizes, F)``; level ``l`` occupies rows
-    ``offsets[l] : offsets[l + 1]``. Points outside the unit cube are clamped onto it (their position
+    The table of all levels is one parameter ``table`` ``(F, sum of level sizes)``; level ``l`` occupies
+    columns ``offsets[l] : offsets[l + 1]``. Points outside the unit cube are clamped onto it (their position
     gradient is then zero).
     """
 
@@ -96,7 +131,8 @@ class HashEncoding(nn.Module):
         for s in sizes:
             offsets.append(offsets[-1] + s)
         self.offsets = offsets
-        self.table = nn.Parameter(torch.empty(offsets[-1], n_features).uniform_(-init_scale, init_scale))
+        # (F, S): one contiguous row per feature, gathered with 1-D index_select
+        self.table = nn.Parameter(torch.empty(n_features, offsets[-1]).uniform_(-init_scale, init_scale))
         # dense levels come first (resolutions increase), so the levels split into two contiguous groups
         self.n_dense = sum(dense)
         self.register_buffer("res", torch.tensor(self.resolutions, dtype=torch.float32), persistent=False)
@@ -116,46 +152,46 @@ class HashEncoding(nn.Module):
     def out_dim(self) -> int:
         return self.n_levels * self.n_features
 
-    def indices_and_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Corner rows ``(L, N, 8)`` int64 into ``table`` and trilinear weights ``(L, N, 8)`` for ``x`` ``(N, 3)``.
+    def corners(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Corner entries ``(L, 8, N)`` int64 into the table and cell coordinates ``frac`` ``(3, L, N)`` in
+        [0, 1] (differentiable in ``x``) for points ``x`` ``(N, 3)``.
 
-        Level-major, so each level's lookups hit one contiguous part of the table (cache locality) and the
-        dense and hashed groups are contiguous slices. Corner ``c = 4a + 2b + d`` is ``(x + a, y + b, z + d)``.
+        Corner ``c = 4a + 2b + d`` is vertex ``(i + a, j + b, k + d)`` of the point's cell ``(i, j, k)``. Each
+        level's lookups hit one contiguous part of the table (cache locality).
         """
         n_lv, nd = self.n_levels, self.n_dense
-        res = self.res.to(x.dtype)
-        pos = x[None, :, :] * res[:, None, None]  # (L, N, 3)
-        # floor without gradient; clamp so the +1 corner stays inside the level (x == 1 lands on frac == 1)
-        i0 = torch.minimum(pos.detach().floor(), (res - 1)[:, None, None]).clamp_(min=0)
-        frac = pos - i0  # (L, N, 3), differentiable in x
-        i0 = i0.long()
-        idx = torch.empty(n_lv, x.shape[0], 8, dtype=torch.int64, device=x.device)
+        n = x.shape[0]
+        res = self.res.to(x.dtype)[:, None]
+        idx = torch.empty(n_lv, 8, n, dtype=torch.int64, device=x.device)
+        i0s, fracs = [], []
+        for axis in range(3):
+            pos = res * x[:, axis][None, :]  # (L, N)
+            # floor without gradient; clamp so the +1 corner stays inside the level (x == 1 gives frac == 1)
+            i0 = torch.minimum(pos.detach().floor(), res - 1).clamp_(min=0)
+            fracs.append(pos - i0)  # differentiable in x
+            i0s.append(i0.long())
         if nd:
-            base = (i0[:nd] * self.dense_strides[:, None, :]).sum(-1)  # (Ld, N)
-            torch.add(base[:, :, None], self.dense_corner[:, None, :], out=idx[:nd])
+            s = self.dense_strides
+            base = i0s[0][:nd] + i0s[1][:nd] * s[:, 1:2] + i0s[2][:nd] * s[:, 2:3]  # (Ld, N)
+            torch.add(base[:, None, :], self.dense_corner[:, :, None], out=idx[:nd])
         if nd < n_lv:
-            ih = i0[nd:]
-            step = torch.tensor([0, 1], dtype=torch.int64, device=x.device)
-            hx = (ih[..., 0:1] + step) * HASH_PRIMES[0]  # (Lh, N, 2)
-            hy = (ih[..., 1:2] + step) * HASH_PRIMES[1]
-            hz = (ih[..., 2:3] + step) * HASH_PRIMES[2]
-            h = hx[..., :, None, None] ^ hy[..., None, :, None] ^ hz[..., None, None, :]
-            torch.bitwise_and(h.reshape(n_lv - nd, -1, 8), 2**self.log2_table - 1, out=idx[nd:])
+            hs = []
+            for axis in range(3):
+                h0 = i0s[axis][nd:] * HASH_PRIMES[axis]
+                hs.append(torch.stack([h0, h0 + HASH_PRIMES[axis]], dim=1))  # (Lh, 2, N)
+            hxy = hs[0][:, :, None, :] ^ hs[1][:, None, :, :]  # (Lh, 2, 2, N)
+            h = (hxy[:, :, :, None, :] ^ hs[2][:, None, None, :, :]).view(n_lv - nd, 8, n)
+            torch.bitwise_and(h, 2**self.log2_table - 1, out=idx[nd:])
             idx[nd:] += self.hash_offsets[:, None, None]
-        one_m = 1 - frac
-        wx = torch.stack([one_m[..., 0], frac[..., 0]], dim=-1)  # (L, N, 2)
-        wy = torch.stack([one_m[..., 1], frac[..., 1]], dim=-1)
-        wz = torch.stack([one_m[..., 2], frac[..., 2]], dim=-1)
-        w = (wx[..., :, None] * wy[..., None, :]).reshape(*wx.shape[:2], 4)
-        w = (w[..., :, None] * wz[..., None, :]).reshape(*wx.shape[:2], 8)
-        return idx, w
+        return idx, torch.stack(fracs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``(N, 3)`` in ``[0, 1]`` -> ``(N, L * F)`` in the table's dtype, ordered level-major."""
+        """``x`` ``(N, 3)`` in ``[0, 1]`` -> ``(N, L * F)`` in the table's dtype, ordered level-major
+        (level ``l``'s features at columns ``l * F : (l + 1) * F``)."""
         x = x.to(self.table.dtype).clamp(0.0, 1.0)
-        idx, w = self.indices_and_weights(x)
-        out = _HashInterp.apply(self.table, idx.view(-1, 8), w.reshape(-1, 8))  # (L * N, F)
-        return out.view(self.n_levels, x.shape[0], self.n_features).transpose(0, 1).reshape(x.shape[0], -1)
+        idx, frac = self.corners(x)
+        out = _HashInterp.apply(self.table, idx, frac)  # (F, L, N)
+        return out.permute(2, 1, 0).reshape(x.shape[0], self.n_levels * self.n_features)
 
     def extra_repr(self) -> str:
         return (

@@ -27,7 +27,7 @@ import torch
 from ..cameras import Intrinsics, get_rays
 from .occupancy import OccupancyGrid
 
-__all__ = ["Samples", "march", "composite", "render_rays", "render", "ray_box"]
+__all__ = ["Samples", "march", "composite", "render_rays", "render", "ray_box", "transmittance", "background_color"]
 
 
 @dataclass
@@ -187,7 +187,8 @@ def render_rays(
         first_pass: samples per ray in the first network pass; later passes double.
 
     Returns:
-        :func:`composite`'s dict without weights plus ``n_samples`` (total network evaluations kept).
+        :func:`composite`'s dict without weights, plus ``n_samples`` (samples composited) and ``n_evals``
+        (density evaluations, including those past the termination point) as ints.
     """
     cfg = model.cfg
     n_rays = rays_o.shape[0]
@@ -197,6 +198,7 @@ def render_rays(
     min_t = float(cfg.min_transmittance)
     trans = torch.ones(n_rays, dtype=torch.float64, device=rays_o.device)  # running, no grad
     picked, sigmas, geos = [], [], []
+    n_evals = 0
     lo, n = 0, first_pass
     max_rank = int(rank.max()) + 1 if rank.numel() else 0
     while lo < max_rank:
@@ -206,6 +208,7 @@ def render_rays(
         r = ray[sel]
         pts = rays_o[r] + t[sel, None].to(rays_o.dtype) * rays_d[r]  # rebuilt in autograd
         sigma, geo = model.density(pts)
+        n_evals += sel.numel()
         tau = sigma.detach().double() * dt
         trans = trans * torch.exp(-torch.zeros_like(trans).index_add_(0, r, tau))
         picked.append(sel)
@@ -218,7 +221,7 @@ def render_rays(
         z = rays_o.new_zeros(n_rays, dtype=out_dtype)
         # keep the graph connected to the rays so callers can always backpropagate
         z = z + 0.0 * rays_o.sum() if rays_o.requires_grad else z
-        return {"rgb": z[:, None].expand(n_rays, 3).clone(), "opacity": z, "depth": z.clone(), "n_samples": torch.zeros((), dtype=torch.int64)}
+        return {"rgb": z[:, None].expand(n_rays, 3).clone(), "opacity": z, "depth": z.clone(), "n_samples": 0, "n_evals": 0}
     sel = torch.cat(picked)
     order = torch.argsort(sel)
     sel = sel[order]
@@ -233,11 +236,12 @@ def render_rays(
     rgb = model.color(d, geo)
     out = composite(sigma.to(out_dtype), rgb.to(out_dtype), t_s, dt, ray_s, n_rays)
     out.pop("weights")
-    out["n_samples"] = torch.tensor(keep.numel())
+    out["n_samples"] = int(keep.numel())
+    out["n_evals"] = n_evals
     return out
 
 
-def _background(background, like: torch.Tensor) -> torch.Tensor | None:
+def background_color(background, like: torch.Tensor) -> torch.Tensor | None:
     if background is None:
         return None
     if isinstance(background, str):
@@ -298,7 +302,7 @@ def render(
                 parts[k].append(res[k])
         out = {k: (torch.cat(v) if v else o.new_zeros((0, 3) if k == "rgb" else (0,))) for k, v in parts.items()}
         out["depth"] = out["depth"] / norm.scale
-        bg = _background(background, out["rgb"])
+        bg = background_color(background, out["rgb"])
         if bg is not None:
             out["rgb"] = out["rgb"] + (1.0 - out["opacity"])[:, None] * bg
         return {

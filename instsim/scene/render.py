@@ -175,7 +175,8 @@ def capsule_normals(
         v = pa - h[..., None] * ba
         dist = v.norm(dim=-1).clamp_min(1e-12)
         gap = dist - scene.radius  # signed distance to each capsule, ~0 for the hit one
-        w = torch.exp(-(gap - gap.min(dim=-1, keepdim=True).values) / blend)
+        excess = (gap - gap.min(dim=-1, keepdim=True).values) / blend
+        w = torch.exp(-excess.clamp(max=40.0))  # clamped: no float32 denormals (slow on CPU)
         n = ((w / dist)[..., None] * v).sum(dim=1)
         out.append(n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12))
     return torch.cat(out) if out else points.new_zeros(0, 3)

@@ -4,7 +4,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from instsim.config import check_config
+from instsim.config import NERF_WORKFLOW_KEYS, check_config, gpu_jobs
 from instsim.errors import InstsimError
 
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
@@ -36,6 +36,17 @@ SPLITS = ["train", "val", "test"]
 TARGET_SPLITS = ["val", "test"]
 
 
+# GPU stages ask for one GPU when the run uses CUDA, so the `gpu` resource keeps them from sharing one.
+GPU_JOBS = gpu_jobs(config["device"])
+
+
+def nerf_settings(wildcards):
+    """The NeRF settings of a class: the preset, the config's overrides, the run's device and seed."""
+    nerf = config["nerf"]
+    overrides = {k: v for k, v in nerf.items() if k not in NERF_WORKFLOW_KEYS}
+    return {"preset": nerf["preset"], "overrides": overrides, "device": config["device"], "seed": config["seed"]}
+
+
 def res(path):
     """A path under the results folder."""
     return f"{RESULTS}/{path}"
@@ -53,5 +64,6 @@ def all_outputs():
     """Targets of the default target: the final files of every stage that exists so far."""
     return [
         *expand(res("data/{cls}/intrinsics.json"), cls=CLASSES),
+        *expand(res("nerf/{cls}/validation.json"), cls=CLASSES),
         *expand(res("target/{tsplit}/annotations.json"), tsplit=TARGET_SPLITS),
     ]

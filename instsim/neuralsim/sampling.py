@@ -1,0 +1,235 @@
+"""Relaxed (Gumbel-softmax) pose sampling with stored noise, so the same poses can be rendered twice.
+
+A relaxed sample of one factor with bin centres ``c_b`` (``(bins,)``), bin width ``w`` and logits
+``l`` (``(bins,)``, any unnormalized log-probabilities) is::
+
+    weights_b = softmax((l + g) / tau)_b          g: (bins,) standard Gumbel noise
+    value     = sum_b weights_b * c_b + (j - 0.5) * w     j: uniform in [0, 1)
+
+The noise ``(g, j)`` is drawn once (:func:`draw_noise`) and stored in a :class:`RelaxedSample`. The
+outer loop renders the poses without gradient, fine-tunes the detector, then calls
+:func:`relaxed_pose_values` again with the *same* noise and the *same* (not yet updated) logits: the
+values, hence poses and images, are bit-identical, and now carry gradients to the logits.
+
+As ``tau -> 0`` the weights become one-hot on ``argmax(l + g)`` (Gumbel-max: that bin is distributed as
+``Categorical(softmax(l))``) and the value is uniform inside that bin, i.e. exactly the hard sampler of
+:meth:`PoseSpace.sample`.
+
+Azimuth wrap-around: bins of a factor spanning a full turn (``high - low == 360`` degrees, for the
+factors listed in ``circular``, default azimuth) are averaged on the circle: the weighted mean of unit
+vectors at the centres, taken relative to the centre of the ``argmax(l + g)`` bin
+``ref + atan2(sum_b w_b sin(c_b - ref), sum_b w_b cos(c_b - ref))``, so bins 0 and ``bins-1`` are
+neighbours (a plain weighted average of 22.5 and 337.5 degrees would be 180). The result is wrapped
+into ``[low, low + 360)``. A factor that does not span a full turn is averaged linearly.
+
+Hard variant (``hard=True``): the weights are the one-hot ``argmax(l + g)`` in the forward pass (the
+rendered pose is the hard sample's bin centre plus jitter, exactly what a hard sampler gives) with the
+straight-through gradient of the soft weights. Neural-Sim's default is the soft relaxation
+(``hard=False``): the soft value is what gets rendered and its gradient is exact for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from ..cameras import BinnedFactor, PoseSample, PoseSpace, pose_from_spherical
+from .distribution import PoseDistribution
+
+__all__ = [
+    "RelaxedSample",
+    "draw_noise",
+    "relaxed_pose_values",
+    "relaxed_poses",
+    "hard_bins",
+    "value_bins",
+    "poses_from_values",
+    "to_pose_sample",
+    "is_circular",
+]
+
+FULL_TURN_DEG = 360.0
+
+
+@dataclass
+class RelaxedSample:
+    """The stored noise of ``n`` relaxed pose samples.
+
+    Attributes:
+        gumbel: ``{factor: (n, bins)}`` standard Gumbel noise, float64.
+        jitter: ``{factor: (n,)}`` position inside the bin, uniform in ``[0, 1)``, float64.
+    """
+
+    gumbel: dict[str, torch.Tensor]
+    jitter: dict[str, torch.Tensor]
+
+    @property
+    def n(self) -> int:
+        return int(next(iter(self.jitter.values())).shape[0])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, idx: int | slice | torch.Tensor) -> "RelaxedSample":
+        """Rows ``idx`` of every noise tensor (e.g. a chunk of samples to re-render)."""
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1)
+        return RelaxedSample({f: g[idx] for f, g in self.gumbel.items()}, {f: j[idx] for f, j in self.jitter.items()})
+
+    def to(self, device: torch.device | str) -> "RelaxedSample":
+        return RelaxedSample({f: g.to(device) for f, g in self.gumbel.items()}, {f: j.to(device) for f, j in self.jitter.items()})
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat ``{"gumbel.<factor>": .., "jitter.<factor>": ..}`` for ``torch.save`` (loads with ``weights_only``)."""
+        out = {f"gumbel.{f}": g for f, g in self.gumbel.items()}
+        out.update({f"jitter.{f}": j for f, j in self.jitter.items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, d: Mapping[str, torch.Tensor]) -> "RelaxedSample":
+        gumbel = {k.split(".", 1)[1]: v for k, v in d.items() if k.startswith("gumbel.")}
+        jitter = {k.split(".", 1)[1]: v for k, v in d.items() if k.startswith("jitter.")}
+        return cls(gumbel, jitter)
+
+
+def draw_noise(space: PoseSpace, n: int, generator: torch.Generator) -> RelaxedSample:
+    """Draw the noise of ``n`` relaxed samples for every factor of ``space`` (on the CPU, float64).
+
+    Args:
+        space: the binned pose space.
+        n: number of samples.
+        generator: a CPU generator (the only source of randomness, so a seed reproduces the samples).
+
+    Returns:
+        :class:`RelaxedSample` with ``gumbel[f]`` ``(n, bins_f)`` and ``jitter[f]`` ``(n,)``.
+    """
+    gumbel, jitter = {}, {}
+    tiny = torch.finfo(torch.float64).tiny
+    for f in PoseSpace.FACTORS:
+        bins = space.factor(f).bins
+        u = torch.rand(n, bins, generator=generator, dtype=torch.float64).clamp(tiny, 1.0 - 1e-16)
+        gumbel[f] = -torch.log(-torch.log(u))
+        jitter[f] = torch.rand(n, generator=generator, dtype=torch.float64)
+    return RelaxedSample(gumbel, jitter)
+
+
+def is_circular(factor: BinnedFactor, circular: Sequence[str] = ("azimuth",)) -> bool:
+    """Whether ``factor`` is averaged on the circle: listed in ``circular`` and spanning a full turn."""
+    return factor.name in circular and abs((factor.high - factor.low) - FULL_TURN_DEG) < 1e-6
+
+
+def _float_dtype(t: torch.Tensor) -> torch.dtype:
+    return t.dtype if t.is_floating_point() else torch.get_default_dtype()
+
+
+def hard_bins(logits: Mapping[str, torch.Tensor], noise: RelaxedSample) -> dict[str, torch.Tensor]:
+    """The Gumbel-max bins ``argmax(l + g)`` per factor, ``{factor: (n,)}`` int64: the bin each relaxed
+    sample tends to as the temperature goes to 0 (and the bin of the ``hard=True`` sample)."""
+    out = {}
+    for f, l in logits.items():
+        g = noise.gumbel[f].to(device=l.device, dtype=_float_dtype(l))
+        out[f] = (l.detach() + g).argmax(dim=-1)
+    return out
+
+
+def relaxed_pose_values(
+    logits: Mapping[str, torch.Tensor],
+    noise: RelaxedSample,
+    temperature: float,
+    space: PoseSpace,
+    hard: bool = False,
+    circular: Sequence[str] = ("azimuth",),
+) -> dict[str, torch.Tensor]:
+    """Relaxed pose values of the stored samples ``noise``, differentiable with respect to ``logits``.
+
+    Args:
+        logits: ``{factor: (bins,)}`` unnormalized log-probabilities, e.g. ``PoseDistribution.logits(cls)``
+            (to start from probabilities pass ``torch.log(p)``). ``-inf`` marks an impossible bin.
+        noise: the stored noise of ``n`` samples (:func:`draw_noise`).
+        temperature: Gumbel-softmax temperature ``tau > 0``; lower is closer to hard sampling.
+        space: the pose space the bins belong to.
+        hard: straight-through variant: forward value from the one-hot ``argmax`` bin, soft gradient.
+        circular: factors averaged on the circle when they span a full turn (module docstring).
+
+    Returns:
+        ``{factor: (n,)}`` values in the logits' dtype and device: azimuth and elevation in degrees,
+        zoom in world units (camera distance). Same noise and logits give bit-identical values.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    out = {}
+    for f in PoseSpace.FACTORS:
+        if f not in logits:
+            raise KeyError(f"logits for factor {f!r} missing")
+        fac = space.factor(f)
+        l = logits[f]
+        dtype, device = _float_dtype(l), l.device
+        if l.shape != (fac.bins,):
+            raise ValueError(f"logits of {f!r} must have shape ({fac.bins},), got {tuple(l.shape)}")
+        g = noise.gumbel[f].to(device=device, dtype=dtype)  # (n, bins)
+        j = noise.jitter[f].to(device=device, dtype=dtype)  # (n,)
+        scores = (l.to(dtype) + g) / temperature  # (n, bins)
+        w = torch.softmax(scores, dim=-1)
+        idx = scores.detach().argmax(dim=-1)  # (n,)
+        if hard:
+            one_hot = torch.nn.functional.one_hot(idx, fac.bins).to(dtype)
+            w = one_hot + (w - w.detach())  # exactly one-hot forward, soft gradient
+        centres = fac.centres().to(device=device, dtype=dtype)  # (bins,)
+        offset = (j - 0.5) * fac.width
+        if is_circular(fac, circular):
+            ref = centres[idx]  # (n,)
+            delta = torch.deg2rad(centres[None, :] - ref[:, None])  # (n, bins)
+            mean_angle = torch.atan2((w * torch.sin(delta)).sum(-1), (w * torch.cos(delta)).sum(-1))
+            value = ref + torch.rad2deg(mean_angle) + offset
+            value = fac.low + torch.remainder(value - fac.low, FULL_TURN_DEG)
+        else:
+            value = (w * centres).sum(-1) + offset
+        out[f] = value
+    return out
+
+
+def relaxed_poses(
+    dist: PoseDistribution,
+    cls: str,
+    noise: RelaxedSample,
+    temperature: float,
+    hard: bool = False,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Relaxed values and poses of class ``cls`` of a :class:`PoseDistribution` for stored noise.
+
+    Returns:
+        ``(values, c2w)``: ``{factor: (n,)}`` (degrees / world units) and ``(n, 4, 4)`` camera-to-world
+        poses, both differentiable with respect to ``dist``'s learned logits of class ``cls``.
+    """
+    values = relaxed_pose_values(dist.logits(cls), noise, temperature, dist.space, hard=hard)
+    return values, poses_from_values(values)
+
+
+def value_bins(values: Mapping[str, torch.Tensor], space: PoseSpace) -> dict[str, torch.Tensor]:
+    """The bin each value falls in, ``{factor: (n,)}`` int64 (clamped to ``[0, bins)``; a full-turn
+    azimuth wraps)."""
+    out = {}
+    for f, v in values.items():
+        fac = space.factor(f)
+        b = torch.floor((v.detach().double() - fac.low) / fac.width).long()
+        out[f] = torch.remainder(b, fac.bins) if is_circular(fac) else b.clamp(0, fac.bins - 1)
+    return out
+
+
+def poses_from_values(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Look-at camera-to-world poses ``(n, 4, 4)`` at the origin from ``{"azimuth": (n,) deg,
+    "elevation": (n,) deg, "zoom": (n,) camera distance}``, differentiable (``pose_from_spherical``)."""
+    return pose_from_spherical(
+        torch.deg2rad(values["azimuth"]), torch.deg2rad(values["elevation"]), values["zoom"]
+    )
+
+
+def to_pose_sample(values: Mapping[str, torch.Tensor], space: PoseSpace) -> PoseSample:
+    """A detached :class:`PoseSample` (bins from :func:`value_bins`, float64 values) of relaxed values,
+    for code that takes the hard sampler's output (logging, saving the rendered poses)."""
+    bins = value_bins(values, space)
+    v = {f: values[f].detach().double().cpu() for f in PoseSpace.FACTORS}
+    b = {f: bins[f].cpu() for f in PoseSpace.FACTORS}
+    return PoseSample(b["azimuth"], b["elevation"], b["zoom"], v["azimuth"], v["elevation"], v["zoom"])
