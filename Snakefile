@@ -15,11 +15,14 @@ wildcard_constraints:
     cls="|".join(CLASSES),
     split="train|val|test",
     tsplit="val|test",
+    strategy="uniform|oracle|neuralsim",
+    seed=r"\d+",
 
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/target.smk"
 include: "workflow/rules/nerf.smk"
+include: "workflow/rules/detect.smk"
 
 
 rule all:

@@ -45,6 +45,11 @@ def check_config(config: Mapping[str, Any], source: str = "config") -> None:
     nerf = config.get("nerf")
     if nerf is not None:
         nerf_config(nerf["preset"], {k: v for k, v in nerf.items() if k not in NERF_WORKFLOW_KEYS}, source=source)
+    det = config.get("detector")
+    if det is not None:
+        from .strategies import detector_config
+
+        detector_config(det["settings"], config["target"]["image_size"], len(config["classes"]), config["seed"])
     for name, cls in config["classes"].items():
         if cls["source"] == "folder":
             path = Path(cls["path"]).expanduser()

@@ -61,9 +61,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def _json_default(o: Any) -> Any:
+    """numpy and torch scalars/arrays as plain JSON values."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray) or hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically. NaN/inf are refused (they are not JSON)."""
-    text = json.dumps(obj, indent=2, allow_nan=False)
+    text = json.dumps(obj, indent=2, allow_nan=False, default=_json_default)
     with atomic_path(path) as tmp:
         tmp.write_text(text + "\n")
 

@@ -35,6 +35,11 @@ class _TruncExp(torch.autograd.Function):
         return g * torch.exp(x.clamp(max=15.0))
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 autocast outputs -> float32; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def trunc_exp(x: torch.Tensor) -> torch.Tensor:
     """Truncated exponential (see :class:`_TruncExp`)."""
     return _TruncExp.apply(x)
@@ -86,14 +91,14 @@ class InstantNerf(nn.Module):
         feats = self.encoding((x + 1.0) * 0.5)
         with self._autocast():
             h = self.density_net(feats)
-        h = h.float()
+        h = _upcast(h)
         return trunc_exp(h[:, 0]), h
 
     def color(self, d: torch.Tensor, geo: torch.Tensor) -> torch.Tensor:
         """RGB ``(N, 3)`` in [0, 1] from unit directions ``d`` ``(N, 3)`` and geometry features."""
         with self._autocast():
             rgb = self.color_net(torch.cat([sh_encode(d), geo], dim=-1))
-        return torch.sigmoid(rgb.float())
+        return torch.sigmoid(_upcast(rgb))
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``sigma`` ``(N,)`` and ``rgb`` ``(N, 3)`` at NeRF-unit positions ``x`` ``(N, 3)`` seen along unit

@@ -34,6 +34,8 @@ RESULTS = config["results_dir"].rstrip("/")
 CLASSES = list(config["classes"])
 SPLITS = ["train", "val", "test"]
 TARGET_SPLITS = ["val", "test"]
+STRATEGIES = list(config["strategies"])
+SEEDS = [str(s) for s in config["seeds"]]
 
 
 # GPU stages ask for one GPU when the run uses CUDA, so the `gpu` resource keeps them from sharing one.
@@ -45,6 +47,20 @@ def nerf_settings(wildcards):
     nerf = config["nerf"]
     overrides = {k: v for k, v in nerf.items() if k not in NERF_WORKFLOW_KEYS}
     return {"preset": nerf["preset"], "overrides": overrides, "device": config["device"], "seed": config["seed"]}
+
+
+def detector_inputs(wildcards):
+    """A detector needs every class's validated NeRF and, except for `uniform`, its pose distribution."""
+    inputs = {
+        "checkpoints": expand(res("nerf/{cls}/checkpoint.pt"), cls=CLASSES),
+        "validations": expand(res("nerf/{cls}/validation.json"), cls=CLASSES),
+        "intrinsics": expand(res("data/{cls}/intrinsics.json"), cls=CLASSES),
+    }
+    if wildcards.strategy == "oracle":
+        inputs["distribution"] = res("target/val/distribution.json")
+    elif wildcards.strategy == "neuralsim":
+        inputs["distribution"] = res("neuralsim/distribution.json")
+    return inputs
 
 
 def res(path):
@@ -65,5 +81,6 @@ def all_outputs():
     return [
         *expand(res("data/{cls}/intrinsics.json"), cls=CLASSES),
         *expand(res("nerf/{cls}/validation.json"), cls=CLASSES),
+        res("eval/summary.tsv"),
         *expand(res("target/{tsplit}/annotations.json"), tsplit=TARGET_SPLITS),
     ]
