@@ -54,7 +54,9 @@ def _parse_value(text: str):
         return text
 
 
-def procedural_views(gesture: str, size: int, n_train: int, n_test: int, device: str, seed: int = 0):
+def procedural_views(
+    gesture: str, size: int, n_train: int, n_test: int, device: str, seed: int = 0, supersample: int | None = None
+):
     """Train/test :class:`Views` and a :class:`Transforms` of a hand gesture, rendered like ``generate_dataset``."""
     import yaml
 
@@ -70,7 +72,7 @@ def procedural_views(gesture: str, size: int, n_train: int, n_test: int, device:
         poses = sample_sphere_poses(n, float(ds["radius"]), gen, upper_hemisphere=bool(ds["upper_hemisphere"]))
         imgs = []
         for s in range(0, n, 8):
-            imgs.append(render_scene(scene, poses[s : s + 8].to(device), intr, supersample=int(ds["supersample"])).cpu())
+            imgs.append(render_scene(scene, poses[s : s + 8].to(device), intr, supersample=int(supersample or ds["supersample"])).cpu())
         images = torch.cat(imgs)
         names = [f"{split}/{i + 1:04d}.png" for i in range(n)]
         out[split] = Views(images, poses, intr, names)
@@ -118,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=96, help="procedural image size in px")
     ap.add_argument("--views", type=int, default=100, help="procedural training views")
     ap.add_argument("--test-views", type=int, default=10)
+    ap.add_argument("--supersample", type=int, default=None, help="procedural anti-aliasing (default: config.yaml's)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument("--preset", choices=["cpu", "paper"], default=None, help="default: cpu on CPU, paper on CUDA")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="NerfConfig overrides")
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
         datasets = []
         for g in args.gestures:
             t0 = time.perf_counter()
-            tr, te, tf = procedural_views(g, args.size, args.views, args.test_views, str(device))
+            tr, te, tf = procedural_views(g, args.size, args.views, args.test_views, str(device), supersample=args.supersample)
             print(f"[bench] rendered {g}: {args.views}+{args.test_views} views at {args.size} px in "
                   f"{time.perf_counter() - t0:.1f} s", flush=True)
             datasets.append((g, tr, te, tf))

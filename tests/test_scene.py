@@ -126,11 +126,11 @@ def brute_force_hit(scene: Scene, o: torch.Tensor, d: torch.Tensor, t_max: float
     s64 = Scene(scene.a.double(), scene.b.double(), scene.radius.double(), scene.albedo)
     o, d = o.double(), d.double()
     t = torch.zeros(o.shape[0], dtype=torch.float64)
-    for _ in range(400):
+    for _ in range(150):
         dist = scene_sdf(s64, o + t[:, None] * d)
         t = torch.where(dist > 1e-9, t + dist, t).clamp(max=t_max)
     hit = scene_sdf(s64, o + t[:, None] * d) < 1e-6
-    ts = torch.linspace(1.0, 5.0, 1000, dtype=torch.float64)  # the scene lies in t in [2, 4] from radius 3
+    ts = torch.linspace(0.5, 5.5, 1000, dtype=torch.float64)  # every ray below meets the scene's sphere in here
     dense = torch.cat([
         scene_sdf(s64, o[i : i + 64, None, :] + ts[None, :, None] * d[i : i + 64, None, :]).min(dim=1).values
         for i in range(0, o.shape[0], 64)
@@ -141,7 +141,7 @@ def brute_force_hit(scene: Scene, o: torch.Tensor, d: torch.Tensor, t_max: float
 def test_ray_capsule_intersection_matches_sphere_tracing():
     gen = torch.Generator().manual_seed(0)
     scene = make_hand("yeah")
-    n = 600
+    n = 300
     # rays from random points on a sphere of radius 3 aimed at random points near the capsules
     o = torch.randn(n, 3, generator=gen)
     o = 3.0 * o / o.norm(dim=-1, keepdim=True)
@@ -156,11 +156,11 @@ def test_ray_capsule_intersection_matches_sphere_tracing():
     d = torch.cat([d, -axis])
     t, idx = intersect_capsules(o, d, scene)
     t_ref, closest = brute_force_hit(scene, o, d)
-    clear = closest.abs() > 1e-3  # skip rays that graze the surface within 1 mm-ish: hit or miss is ambiguous
+    clear = closest.abs() > 1e-3  # skip rays grazing the surface (within 1e-3): hit or miss is ambiguous
     assert clear.sum() > 0.9 * o.shape[0]
     assert torch.equal(torch.isfinite(t)[clear], torch.isfinite(t_ref)[clear])
     both = clear & torch.isfinite(t)
-    assert both.sum() > 200
+    assert both.sum() > 100
     assert (t[both].double() - t_ref[both]).abs().max() < 1e-4
     # the reported capsule is the one whose surface the hit point lies on
     p = o[both] + t[both, None] * d[both]
@@ -215,6 +215,18 @@ def test_deterministic(hands):
     assert not torch.equal(j1.b, j3.b)
     assert torch.equal(make_hand("palm").b, hands["palm"].b)
     assert bounding_radius(j3) < 1.0
+
+
+def test_batched_views_match_single_views(monkeypatch):
+    import instsim.scene.render as render_mod
+
+    scene = make_hand("yeah")
+    poses = poses_deg([0.0, 70.0, 150.0, 260.0, 330.0], [10.0, -20.0, 45.0, 5.0, 70.0])
+    batch = render_scene(scene, poses, INTR)
+    monkeypatch.setattr(render_mod, "_GROUP_RAYS", 2 * 64 * 64 * 4)  # groups of 2 views: 3 groups
+    grouped = render_scene(scene, poses, INTR)
+    single = torch.cat([render_scene(scene, c2w, INTR) for c2w in poses])
+    assert torch.allclose(batch, grouped, atol=1e-6) and torch.allclose(batch, single, atol=1e-6)
 
 
 def test_unknown_gesture_raises_input_error():

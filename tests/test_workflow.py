@@ -73,7 +73,9 @@ def test_second_run_has_nothing_to_do(tiny_run):
 
 def test_folder_class_imports_blendernerf(tmp_path):
     classes = {"fist": {"source": "procedural", "gesture": "fist"}, "shapes": {"source": "folder", "path": str(BLENDERNERF_TINY)}}
-    proc = run_snakemake(tmp_path, tiny_config(classes=classes))
+    proc = run_snakemake(
+        tmp_path, tiny_config(classes=classes), "results/nerf/shapes/validation.json", "results/target/test/annotations.json"
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     data = tmp_path / "results/data/shapes"
     train, val = read_transforms(data / "transforms_train.json"), read_transforms(data / "transforms_val.json")
@@ -84,6 +86,8 @@ def test_folder_class_imports_blendernerf(tmp_path):
     assert info["fl_x"] == pytest.approx(88.889, abs=1e-3) and info["scene"]["aabb_scale"] == 4.0
     coco = json.loads((tmp_path / "results/target/test/annotations.json").read_text())
     assert {a["category_id"] for a in coco["annotations"]} == {1, 2}
+    validation = json.loads((tmp_path / "results/nerf/shapes/validation.json").read_text())
+    assert validation["passed"] and validation["n_views"] == 8 and "convention_check" not in validation
 
 
 @pytest.mark.parametrize(
@@ -96,6 +100,10 @@ def test_folder_class_imports_blendernerf(tmp_path):
         ({"target": {**tiny_config()["target"], "distribution": {"azimuth": [1.0], "elevation": [0.2, 0.3, 0.5], "zoom": [0.2, 0.3, 0.5]}}}, "target.distribution.azimuth"),
         ({"seeds": []}, "seeds"),
         ({"extra_key": 1}, "Additional properties are not allowed ('extra_key'"),
+        ({"nerf": {**tiny_config()["nerf"], "hash_size": 3}}, "nerf.hash_size"),
+        ({"nerf": {**tiny_config()["nerf"], "preset": "huge"}}, "nerf.preset: 'huge' is not one of"),
+        ({"detector": {"images_per_class": 4, "settings": {"depth": 3}}}, "detector.depth"),
+        ({"strategies": ["uniform", "random"]}, "strategies.1: 'random' is not one of"),
     ],
 )
 def test_bad_config_fails_clearly_without_outputs(tmp_path, override, expected):
@@ -115,3 +123,26 @@ def test_bad_folder_dataset_fails_the_rule_clearly(tmp_path, blendernerf_copy):
     assert "transforms_train.json" in out and "frames[4].file_path" in out and "0005.png" in out
     assert not (tmp_path / "results/data/shapes/transforms_train.json").exists()
     assert not (tmp_path / "results/data/shapes/intrinsics.json").exists()
+
+
+def test_nerfs_validated(tiny_run):
+    for cls in CLASSES:
+        v = json.loads((tiny_run / f"results/nerf/{cls}/validation.json").read_text())
+        assert v["passed"] and v["psnr"] >= tiny_config()["nerf"]["min_psnr"]
+        assert v["background"] == [1.0, 1.0, 1.0] and len(v["per_view"]) == 3
+        assert len(v["convention_check"]["iou"]) == 5
+        assert (tiny_run / f"results/nerf/{cls}/validation.png").is_file()
+        log = (tiny_run / f"results/nerf/{cls}/train_log.tsv").read_text().splitlines()
+        assert log[0].split("\t")[:2] == ["step", "loss"] and len(log) > 2
+        assert not (tiny_run / f"results/nerf/{cls}/resume").exists()
+
+
+def test_summary_compares_strategies(tiny_run):
+    import pandas as pd
+
+    table = pd.read_csv(tiny_run / "results/eval/summary.tsv", sep="\t", dtype={"seed": str})
+    assert set(table.strategy) == set(tiny_config()["strategies"])
+    assert {"AP", "AP50", "AP75", "AP_fist", "AP_palm", "AP_yeah"} <= set(table.columns)
+    assert set(table.seed) == {"0", "mean", "std"}
+    for name in ("ap_per_strategy.png", "per_class_ap.png", "predictions_uniform.png"):
+        assert (tiny_run / "results/eval" / name).stat().st_size > 1000

@@ -71,12 +71,16 @@ class NerfConfig:
         max_samples: most samples per ray (early termination usually stops far sooner).
         min_transmittance: a ray stops once its transmittance drops below this.
     Training:
-        steps; batch_samples: target network samples per step (the rays per step adapt to it, as in
-        Instant-NGP; 0 = always ``batch_rays`` rays); batch_rays: most rays per step; lr, lr_final_ratio
-        (the exponential schedule ends at ``lr * lr_final_ratio``), lr_warmup (linear warm-up steps), weight_decay (MLPs only), loss ("l2" or "huber"),
-        checkpoint_every (steps), log_every (steps of the tsv log), seed, device ("auto", "cpu", "cuda",
-        "cuda:N"), mixed_precision (bf16 autocast of the MLPs; CUDA only), threads (torch CPU threads,
-        0 = torch's default).
+        steps: total training steps (the learning-rate schedule spans them).
+        batch_samples: target network samples per step; the rays per step adapt to it as in Instant-NGP
+            (0 = always ``batch_rays`` rays).
+        batch_rays: most rays per step.
+        lr, lr_final_ratio, lr_warmup: Adam learning rate, decayed exponentially to ``lr * lr_final_ratio``
+            at ``steps`` after a linear warm-up of ``lr_warmup`` steps.
+        weight_decay: on the MLP weights only. loss: ``"l2"`` or ``"huber"``.
+        checkpoint_every, log_every: steps between periodic checkpoints / ``train_log.tsv`` rows.
+        seed; device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; mixed_precision: bf16 autocast of the
+        MLPs (CUDA only); threads: torch CPU threads (0 = torch's default).
     """
 
     # encoding

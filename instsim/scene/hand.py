@@ -9,8 +9,9 @@ Hand frame (before placing it in the world; the world is z-up, see :mod:`instsim
   right of the image and one at azimuth 90 deg sees in front.
 
 Lengths are in "hand units" while the skeleton is built (palm about 1 long, like decimetres); :func:`build_scene`
-scales by :data:`HAND_SCALE` and centres the result at the origin, so every gesture fits in a sphere of
-radius < 1 world unit (:func:`bounding_radius` says how much exactly).
+scales by :data:`HAND_SCALE` (the same for every gesture, so a fist is smaller than an open hand) and centres
+the result (the centre of its bounding box) at the origin, so every gesture fits in a sphere of radius < 1 world
+unit (:func:`bounding_radius` says how much exactly).
 
 Joint angles are radians. A finger's *flexion* rotates about its local +y axis, bending it towards its palm
 side (local +x); *spread* (abduction) rotates about the local x axis, positive towards the thumb (+y).
@@ -37,6 +38,8 @@ __all__ = [
     "SKIN_PALM",
     "SLEEVE",
     "NAIL",
+    "FingerGeometry",
+    "GEOMETRY",
     "FingerPose",
     "ThumbPose",
     "HandPose",
@@ -46,6 +49,7 @@ __all__ = [
     "rot_y",
     "rot_z",
     "chain_capsules",
+    "nail_capsule",
     "finger_capsules",
     "thumb_capsules",
     "palm_capsules",
@@ -59,7 +63,7 @@ __all__ = [
 
 FINGERS = ("thumb", "index", "middle", "ring", "pinky")
 
-#: world units per hand unit; chosen so that the widest gesture (``palm``) has a bounding radius of ~0.95.
+#: world units per hand unit; the open gestures (``palm``, ``yeah``) get a bounding radius of ~0.86, ``fist`` ~0.60.
 HAND_SCALE = 0.62
 
 SKIN_BACK = (0.80, 0.58, 0.45)  # back of the hand
@@ -350,7 +354,7 @@ def build_scene(caps: Sequence[Capsule], scale: float = HAND_SCALE, centre: bool
 
 def bounding_radius(scene: Scene) -> float:
     """Radius (world units) of the smallest origin-centred sphere holding every capsule of ``scene``:
-    ``max_k max(|a_k|, |b_k|) + r_k``. At most ~0.95 for the built-in gestures."""
+    ``max_k max(|a_k|, |b_k|) + r_k``. About 0.86 for ``palm`` and ``yeah``, 0.60 for ``fist``."""
     reach = torch.maximum(scene.a.norm(dim=-1), scene.b.norm(dim=-1)) + scene.radius
     return float(reach.max())
 

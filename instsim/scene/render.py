@@ -9,6 +9,10 @@ Speed: only rays that hit the scene's bounding sphere are intersected, in chunks
 ``K`` capsules at once (``(chunk, K)`` tensors; dot products as matrix products). Each ray is re-based at its
 closest approach to the bounding-sphere centre before intersecting, so float32 stays accurate at any camera
 distance. Rendering runs under ``torch.no_grad`` (not differentiable) and is deterministic.
+
+On a shared, oversubscribed CPU torch's multi-threaded kernels wait for the busiest core: rendering with
+``torch.set_num_threads(1)`` was 5-8x faster than with 2 threads on a 2-core machine at load ~5 (see
+``benchmarks/bench_scene_render.py``). This module never changes the thread count itself.
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def _intersect_prepared(o: torch.Tensor, d: torch.Tensor, p: _Prepared, near: fl
 
 @torch.no_grad()
 def intersect_capsules(
-    rays_o: torch.Tensor, rays_d: torch.Tensor, scene: Scene, near: float = 0.0, chunk: int = 1 << 15
+    rays_o: torch.Tensor, rays_d: torch.Tensor, scene: Scene, near: float = 0.0, chunk: int = 1 << 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Analytic first hit of rays with the union of the scene's capsules (cylinder body + two sphere caps each).
 
@@ -212,17 +216,29 @@ def _poses(c2w: torch.Tensor) -> torch.Tensor:
     return c2w
 
 
+#: rays (views x sub-samples) generated at once; views are traced in groups of about this many rays.
+_GROUP_RAYS = 1 << 20
+
+
 def _trace_views(
     scene: Scene, c2w: torch.Tensor, intr: Intrinsics, supersample: int, chunk: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per view: the fine-grid ray origins and directions ``(N, 3)``, a hit mask ``(N,)``, and for the hit
-    rays their ``t`` and capsule index. Rays missing the bounding sphere are never intersected."""
+    """Trace the views in groups of ``G`` views (about :data:`_GROUP_RAYS` rays), yielding per group: a hit mask
+    ``(G, N)`` over the fine grid of ``N = H*s*W*s`` rays per view, and for the ``M`` hit rays their origins and
+    directions ``(M, 3)``, ``t`` ``(M,)`` and capsule index ``(M,)``, in the row-major order of the mask.
+
+    Rays missing the scene's bounding sphere are never intersected. Tracing several views at once keeps the
+    number of torch calls small, which matters on a loaded CPU where every multi-threaded call waits for the
+    slowest core."""
     if supersample < 1:
         raise ValueError(f"supersample must be >= 1, got {supersample}")
     p = _prepare(scene)
     uv = subpixel_uv(intr, supersample, device=scene.a.device)
-    for pose in c2w:
-        o, d = get_rays(pose.to(scene.a.device), intr, uv)  # (N, 3) each
+    group = max(1, _GROUP_RAYS // uv.shape[0])
+    for first in range(0, c2w.shape[0], group):
+        poses = c2w[first : first + group].to(scene.a.device)
+        o, d = get_rays(poses, intr, uv)  # (G, N, 3) each
+        o, d = o.reshape(-1, 3), d.reshape(-1, 3)
         rel = p.centre - o
         t_mid = (rel * d).sum(-1)
         miss2 = (rel * rel).sum(-1) - t_mid * t_mid
@@ -239,13 +255,13 @@ def _trace_views(
         hit_rows = cand[hit_c]
         hit = torch.zeros(o.shape[0], dtype=torch.bool, device=o.device)
         hit[hit_rows] = True
-        yield o[hit_rows], d[hit_rows], hit, t_c[hit_c], k_c[hit_c]
+        yield hit.reshape(poses.shape[0], -1), o[hit_rows], d[hit_rows], t_c[hit_c], k_c[hit_c]
 
 
 def _downsample(values: torch.Tensor, intr: Intrinsics, s: int) -> torch.Tensor:
-    """Sum a fine-grid ``(H*s*W*s, C)`` tensor over each pixel's ``s x s`` samples: ``(H, W, C)``."""
-    c = values.shape[-1]
-    return values.reshape(intr.h, s, intr.w, s, c).sum(dim=(1, 3))
+    """Sum fine-grid values ``(G, H*s*W*s, C)`` over each pixel's ``s x s`` samples: ``(G, H, W, C)``."""
+    g, c = values.shape[0], values.shape[-1]
+    return values.reshape(g, intr.h, s, intr.w, s, c).sum(dim=(2, 4))
 
 
 @torch.no_grad()
@@ -256,7 +272,7 @@ def render_scene(
     supersample: int = 2,
     light_dir: Sequence[float] = DEFAULT_LIGHT,
     ambient: float = DEFAULT_AMBIENT,
-    chunk: int = 1 << 15,
+    chunk: int = 1 << 16,
     normal_blend: float = DEFAULT_NORMAL_BLEND,
 ) -> torch.Tensor:
     """Render the scene from cameras ``c2w``.
@@ -283,20 +299,20 @@ def render_scene(
     light = torch.as_tensor(light_dir, dtype=torch.float32, device=scene.a.device)
     light = light / light.norm()
     out = []
-    for o, d, hit, t, k in _trace_views(scene, poses, intr, s, chunk):
-        rgb_fine = torch.zeros(hit.shape[0], 3, dtype=torch.float32, device=hit.device)
+    for hit, o, d, t, k in _trace_views(scene, poses, intr, s, chunk):
+        rgb_fine = torch.zeros(*hit.shape, 3, dtype=torch.float32, device=hit.device)
         if k.numel():
             pts = o + t[:, None] * d
-            rgb_fine[hit] = shade(capsule_normals(pts, k, scene, normal_blend), k, scene, light, float(ambient))
-        cover = _downsample(hit[:, None].float(), intr, s)  # (H, W, 1) number of covered samples
+            rgb_fine[hit] = shade(capsule_normals(pts, k, scene, normal_blend, chunk), k, scene, light, float(ambient))
+        cover = _downsample(hit[..., None].float(), intr, s)  # (G, H, W, 1) number of covered samples
         rgb = _downsample(rgb_fine, intr, s) / cover.clamp_min(1.0)
         out.append(torch.cat([rgb.clamp(0.0, 1.0), cover / (s * s)], dim=-1))
-    return torch.stack(out)
+    return torch.cat(out)
 
 
 @torch.no_grad()
 def render_alpha_depth(
-    scene: Scene, c2w: torch.Tensor, intr: Intrinsics, supersample: int = 1, chunk: int = 1 << 15
+    scene: Scene, c2w: torch.Tensor, intr: Intrinsics, supersample: int = 1, chunk: int = 1 << 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Coverage and depth without shading.
 
@@ -308,10 +324,10 @@ def render_alpha_depth(
     poses = _poses(c2w)
     s = int(supersample)
     alphas, depths = [], []
-    for _o, _d, hit, t, _k in _trace_views(scene, poses, intr, s, chunk):
-        t_fine = torch.zeros(hit.shape[0], 1, dtype=torch.float32, device=hit.device)
+    for hit, _o, _d, t, _k in _trace_views(scene, poses, intr, s, chunk):
+        t_fine = torch.zeros(*hit.shape, 1, dtype=torch.float32, device=hit.device)
         t_fine[hit] = t[:, None]
-        cover = _downsample(hit[:, None].float(), intr, s)[..., 0]
+        cover = _downsample(hit[..., None].float(), intr, s)[..., 0]
         alphas.append(cover / (s * s))
         depths.append(_downsample(t_fine, intr, s)[..., 0] / cover.clamp_min(1.0))
-    return torch.stack(alphas), torch.stack(depths)
+    return torch.cat(alphas), torch.cat(depths)
