@@ -38,7 +38,9 @@ def main(sm):
     labels = [l[None] for l in synth.labels]
     history = []
     resume = Path(sm.params.resume)
-    model = train_detector(images, boxes, labels, cfg, log=log.info, checkpoint_path=resume, history=history)
+    model = train_detector(
+        images, boxes, labels, cfg, log=log.info, checkpoint_path=resume, history=history, num_threads=sm.threads
+    )
     save_detector(model, sm.output.model)
     with atomic_path(sm.output.train_log) as tmp:
         pd.DataFrame(history).to_csv(tmp, sep="\t", index=False)
