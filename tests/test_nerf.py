@@ -328,7 +328,7 @@ def test_checkpoint_expect_mismatch_lists_every_field(trained):
         load_checkpoint(out / "nerf.pt", expect={"bound": 2.0, "config.log2_table": 19, "intrinsics": {"w": 800}})
     msg = str(e.value)
     assert "bound: checkpoint 1.26596, expected 2" in msg
-    assert "config.log2_table: checkpoint 16, expected 19" in msg
+    assert "config.log2_table: checkpoint 15, expected 19" in msg
     assert "intrinsics.w: checkpoint 64, expected 800" in msg
     load_checkpoint(out / "nerf.pt", expect={"bound": 1.2659573714860595, "n_levels": 16})  # matching: fine
 
@@ -365,7 +365,7 @@ def test_training_resumes_from_its_checkpoint(tiny, tmp_path):
     assert read_checkpoint(ckpt)["step"] == 30
     # a finished checkpoint is not trained again; other construction settings refuse to resume
     assert train_nerf(train, info, cfg, ckpt, log, progress=False)["steps_run"] == 0
-    with pytest.raises(InstsimError, match="log2_table: checkpoint 16, expected 12"):
+    with pytest.raises(InstsimError, match="log2_table: checkpoint 15, expected 12"):
         train_nerf(train, info, cfg.replace(log2_table=12, steps=40), ckpt, log, progress=False)
 
 
