@@ -125,3 +125,11 @@ def read_image(path: str | Path, field: str | None = None) -> np.ndarray:
     if arr.dtype == np.uint16:
         return arr.astype(np.float32) / 65535.0
     return np.clip(arr.astype(np.float32), 0.0, 1.0)
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """``torch.save`` atomically (checkpoints: a kill mid-write leaves the previous file intact)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)

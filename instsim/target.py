@@ -16,7 +16,6 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm

@@ -57,8 +57,8 @@ def test_camera_convention_axes():
     assert torch.allclose(c2w[:3, 3], torch.tensor([5.0, 0.0, 0.0]), atol=1e-6)
     assert torch.allclose(c2w[:3, 2], torch.tensor([1.0, 0.0, 0.0]), atol=1e-6)  # camera looks down -z
     intr = Intrinsics(64, 64, 60.0, 60.0, 32.0, 32.0)
-    (u, v), _ = project(torch.tensor([[0.0, 1.0, 0.0]]), c2w, intr)[0][0], None
-    assert u > 32  # +y appears to the right
+    uv_right, _ = project(torch.tensor([[0.0, 1.0, 0.0]]), c2w, intr)
+    assert uv_right[0, 0] > 32  # +y appears to the right
     uv_up, _ = project(torch.tensor([[0.0, 0.0, 1.0]]), c2w, intr)
     assert uv_up[0, 1] < 32  # +z appears above the centre (v grows downwards)
 

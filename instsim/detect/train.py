@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..io import save_torch
 from ..errors import ConfigError, InputError, InstsimError
 from .config import DetectorConfig, steps_per_epoch
 from .decode import as_float_images
@@ -152,17 +152,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _read_checkpoint(path: Path) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -178,7 +167,7 @@ def _read_checkpoint(path: Path) -> dict:
 
 def save_detector(model: CenterNet, path: str | Path) -> None:
     """Write the model's config and weights (atomically); read back with :func:`load_detector`."""
-    _atomic_save({"format": CHECKPOINT_FORMAT, "config": model.cfg.to_dict(), "model": model.state_dict(),
+    save_torch({"format": CHECKPOINT_FORMAT, "config": model.cfg.to_dict(), "model": model.state_dict(),
                   "complete": True}, Path(path))
 
 
@@ -305,7 +294,7 @@ def train_detector(
     def save(step: int) -> None:
         if ckpt is None:
             return
-        _atomic_save({"format": CHECKPOINT_FORMAT, "step": step, "total_steps": total, "complete": step >= total,
+        save_torch({"format": CHECKPOINT_FORMAT, "step": step, "total_steps": total, "complete": step >= total,
                       "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
                       "rng": torch.get_rng_state(), "data": fingerprint}, ckpt)
 

@@ -148,9 +148,27 @@ def train_nerf(
         InstsimError: non-finite loss (naming the step; the last good checkpoint is kept), a checkpoint
             that does not match this run's config/normalization/camera.
     """
-    device = resolve_device(cfg.device)
+    threads = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _train(train_views, intrinsics_info, cfg, checkpoint_path, log_tsv_path, progress, max_steps, resume_path, on_log)
+    finally:
+        torch.set_num_threads(threads)  # cfg.threads applies to this call only
+
+
+def _train(
+    train_views: Views,
+    intrinsics_info: Mapping[str, Any],
+    cfg: NerfConfig,
+    checkpoint_path: str | Path,
+    log_tsv_path: str | Path,
+    progress: bool,
+    max_steps: int | None,
+    resume_path: str | Path | None,
+    on_log: Callable[[int, InstantNerf], None] | None,
+) -> dict[str, Any]:
+    device = resolve_device(cfg.device)
     _check_camera(train_views, intrinsics_info)
     norm = SceneNormalization.from_intrinsics(intrinsics_info)
     cfg = cfg.replace(max_res=resolve_max_res(cfg, intrinsics_info))
@@ -264,8 +282,9 @@ def train_nerf(
                 f"({state_path if state_path.is_file() else 'none written yet'}) is kept; lower nerf.lr or check the data"
             )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if loss.requires_grad:  # no sample on any ray (an empty grid) leaves nothing to learn this step
+            loss.backward()
+            opt.step()
 
         # adapt the rays per step to the sample budget (EMA of samples per ray)
         n_eval = int(out["n_evals"])

@@ -141,9 +141,9 @@ class NeuralSimConfig:
     temperature: float = 0.5
     learned: tuple[str, ...] = ("azimuth", "elevation", "zoom")
     inverse_hvp: InverseHVPConfig = field(default_factory=InverseHVPConfig)
-    psi_lr: float = 0.05
+    psi_lr: float = 0.1
     grad_clip: float = 1.0
-    pretrain_steps: int = 150
+    pretrain_steps: int = 0
     pretrain_images_per_class: int = 64
     eval_every: int = 1
     checkpoint_every: int = 5
@@ -582,7 +582,8 @@ def _psi_state(dist: PoseDistribution, target_probs: Mapping[str, torch.Tensor] 
 # trajectory rows
 # ---------------------------------------------------------------------------------------------------------
 
-BASE_COLUMNS = ("iteration", "val_loss", "val_AP", "grad_norm", "tv_to_target", "train_loss", "n_images", "seconds")
+BASE_COLUMNS = ("iteration", "val_loss", "val_AP", "grad_norm", "tv_to_target", "train_loss", "v_norm", "u_norm", "n_images",
+                "seconds")
 
 
 def trajectory_columns(dist: PoseDistribution) -> list[str]:
