@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=0, help="steps between test evaluations (0: log_every)")
     ap.add_argument("--eval-views", type=int, default=None, help="test views in the curve (default: all)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--note", default=None, help="free text stored in the report (e.g. how the CPU was pinned)")
     ap.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
     args = ap.parse_args(argv)
 
@@ -223,6 +224,7 @@ def main(argv=None) -> int:
         "all_passed": all(r["passed_33db"] for r in results.values()),
         "max_train_time_s": max(r["train_time_s"] for r in results.values()) if results else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "note": args.note,
     }
     out = args.out or REPO / "benchmarks" / "results" / f"nerf_train_{device.type}.json"
     write_json(out, report)

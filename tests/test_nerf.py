@@ -267,7 +267,7 @@ def test_normalization_and_max_res_come_from_the_cameras():
 # training, checkpoints, validation (one short training shared by the tests below)
 # ---------------------------------------------------------------------------------------------------------
 
-SMOKE_STEPS = 160
+SMOKE_STEPS = 240
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +282,8 @@ def tiny():
 def trained(tiny, tmp_path_factory):
     train, test, info = tiny
     out = tmp_path_factory.mktemp("nerf")
-    cfg = NerfConfig.cpu(steps=SMOKE_STEPS, checkpoint_every=50, log_every=20)
+    # one thread: robust on a CPU shared with other jobs, where two threads can stall each other
+    cfg = NerfConfig.cpu(steps=SMOKE_STEPS, checkpoint_every=100, log_every=20, threads=1)
     summary = train_nerf(train, info, cfg, out / "nerf.pt", out / "train_log.tsv", progress=False)
     return out, cfg, summary
 
@@ -292,10 +293,10 @@ def test_short_training_learns_the_tiny_blendernerf_scene(trained, tiny):
     _, test, _ = tiny
     assert summary["finished"] and summary["step"] == SMOKE_STEPS
     model, _ = load_checkpoint(out / "nerf.pt")
-    res = validate_checkpoint(model, test, background="white", min_psnr=20.0, comparison_dir=out / "cmp")
-    # an empty (all white) render scores about 14 dB on these views
-    assert res["psnr"] > 20.0 and res["passed"], res["psnr"]
-    assert 0 < res["ssim"] <= 1 and res["mask_iou"] > 0.7
+    res = validate_checkpoint(model, test, background="white", min_psnr=22.0, comparison_dir=out / "cmp")
+    # an empty (all white) render scores about 14 dB on these views; seeds 0-2 gave 27.4-28.8 dB
+    assert res["psnr"] > 22.0 and res["passed"], res["psnr"]
+    assert 0.8 < res["ssim"] <= 1 and res["mask_iou"] > 0.85
     assert len(res["per_view"]) == len(test.poses)
     strip = (out / "cmp" / "0001.png")
     assert strip.is_file()
@@ -352,7 +353,7 @@ def test_truncated_and_foreign_checkpoints_fail_clearly(trained, tmp_path):
 
 def test_training_resumes_from_its_checkpoint(tiny, tmp_path):
     train, _, info = tiny
-    cfg = NerfConfig.cpu(steps=30, checkpoint_every=10, log_every=5, grid_warmup=4, grid_update_every=4)
+    cfg = NerfConfig.cpu(steps=30, checkpoint_every=10, log_every=5, grid_warmup=4, grid_update_every=4, threads=1)
     ckpt, log = tmp_path / "nerf.pt", tmp_path / "train_log.tsv"
     first = train_nerf(train, info, cfg, ckpt, log, progress=False, max_steps=20)  # "killed" after 20 steps
     assert not first["finished"] and read_checkpoint(ckpt)["step"] == 20
@@ -384,7 +385,7 @@ def test_nan_loss_names_the_step_and_keeps_the_checkpoint(tiny, tmp_path, monkey
         return out
 
     monkeypatch.setattr(train_mod, "render_rays", poisoned)
-    cfg = NerfConfig.cpu(steps=30, checkpoint_every=10, grid_warmup=4, grid_update_every=4)
+    cfg = NerfConfig.cpu(steps=30, checkpoint_every=10, grid_warmup=4, grid_update_every=4, threads=1)
     with pytest.raises(InstsimError, match="at step 12"):
         train_nerf(train, info, cfg, tmp_path / "nerf.pt", tmp_path / "log.tsv", progress=False)
     assert read_checkpoint(tmp_path / "nerf.pt")["step"] == 10
@@ -395,7 +396,7 @@ def test_convention_check_passes_and_catches_a_flipped_camera(trained, tiny):
     _, test, _ = tiny
     model, _ = load_checkpoint(out / "nerf.pt")
     poses, alpha = test.poses[:5], test.images[:5, ..., 3]
-    ok = convention_check(model, poses, test.intrinsics, alpha, min_iou=0.8)
+    ok = convention_check(model, poses, test.intrinsics, alpha, min_iou=0.85)
     assert ok["passed"], ok["iou"]
     opencv = poses.clone()
     opencv[:, :3, 1:3] *= -1  # an OpenCV-convention pose read as OpenGL: the camera looks away

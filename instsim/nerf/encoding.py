@@ -6,11 +6,12 @@ with ``b = exp((ln N_max - ln N_min) / (L - 1))``. A point in ``[0, 1]^3`` is sc
 ``(N_l + 1)^3`` vertices fit in the table (``T`` entries) is indexed densely (one entry per vertex, no
 collisions); finer levels use the spatial hash ``(x * 1) xor (y * 2654435761) xor (z * 805459861) mod T``.
 
-Speed: the table lookup is a custom autograd function (:class:`_HashInterp`) that gathers with
-``index_select`` and scatters the table gradient with ``index_add_``. Autograd through ``table[idx]`` is
-3-10x slower on CPU (it materializes and sorts a huge index for the backward). The trilinear weights stay
-in ordinary autograd so gradients flow to the input positions (first order only; Neural-Sim needs no
-second derivatives through the NeRF).
+Speed: the lookup and blend are one custom autograd function (:class:`_HashInterp`): it gathers with
+``index_select``, blends with three nested ``lerp`` s and scatters the table gradient with ``index_add_``
+(autograd through ``table[idx]`` was 3-10x slower on CPU in the prototype). Its backward also gives the
+gradient with respect to the cell coordinates, which ordinary autograd carries on to the input positions
+(first order only; Neural-Sim needs no second derivatives through the NeRF). Arrays are laid out
+``(level, corner, point)`` so every elementwise op runs over long contiguous vectors.
 """
 
 from __future__ import annotations
