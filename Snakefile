@@ -23,6 +23,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/target.smk"
 include: "workflow/rules/nerf.smk"
 include: "workflow/rules/detect.smk"
+include: "workflow/rules/neuralsim.smk"
 
 
 rule all:

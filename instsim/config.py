@@ -45,6 +45,10 @@ def check_config(config: Mapping[str, Any], source: str = "config") -> None:
     nerf = config.get("nerf")
     if nerf is not None:
         nerf_config(nerf["preset"], {k: v for k, v in nerf.items() if k not in NERF_WORKFLOW_KEYS}, source=source)
+    if config.get("neuralsim") is not None:
+        from .neuralsim.loop import NeuralSimConfig
+
+        NeuralSimConfig.from_dict(config["neuralsim"], source=source)
     det = config.get("detector")
     if det is not None:
         from .strategies import detector_config

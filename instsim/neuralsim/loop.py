@@ -35,11 +35,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -47,24 +47,25 @@ import torch
 from ..backgrounds import boxes_from_alpha, random_backgrounds
 from ..cameras import Intrinsics, PoseSpace
 from ..errors import ConfigError, InputError, InstsimError
+from ..io import save_torch
 from .distribution import PoseDistribution
 from .implicit import implicit_image_grad, inverse_hvp, make_hvp
 from .sampling import RelaxedSample, draw_noise, relaxed_poses
 
 __all__ = [
-    "NeuralSimConfig",
+    "CHECKPOINT_FORMAT",
+    "ClassSamples",
     "InverseHVPConfig",
+    "NeuralSimConfig",
     "NeuralSimError",
     "ValSet",
-    "ClassSamples",
+    "backprop_image_grad",
     "draw_samples",
+    "optimize_distribution",
+    "outer_step",
     "render_relaxed",
     "render_training_set",
-    "backprop_image_grad",
-    "outer_step",
-    "optimize_distribution",
     "trajectory_columns",
-    "CHECKPOINT_FORMAT",
 ]
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ class NeuralSimConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None, source: str | Path | None = None) -> "NeuralSimConfig":
+    def from_dict(cls, d: Mapping[str, Any] | None, source: str | Path | None = None) -> NeuralSimConfig:
         """From the config's ``neuralsim`` section; missing keys take their defaults, unknown keys (also inside
         ``inverse_hvp``) and bad values raise :class:`ConfigError` naming ``neuralsim.<key>``."""
         d = {} if d is None else d
@@ -272,7 +273,7 @@ class ClassSamples:
     def __len__(self) -> int:
         return int(self.shifts.shape[0])
 
-    def __getitem__(self, idx: slice | torch.Tensor) -> "ClassSamples":
+    def __getitem__(self, idx: slice | torch.Tensor) -> ClassSamples:
         return ClassSamples(self.noise[idx], self.shifts[idx], self.backgrounds[idx])
 
 
@@ -396,15 +397,20 @@ def backprop_image_grad(
     renderer: Renderer | None = None,
 ) -> None:
     """Re-render the visible stored samples with gradient, ``chunk`` images at a time, and backpropagate
-    ``image_grad`` (``(n, 3, H, W)``, aligned with ``train.images``) into ``dist``'s logits' ``.grad``."""
+    ``image_grad`` (``(n, 3, H, W)``, aligned with ``train.images``) into ``dist``'s logits' ``.grad``
+    (accumulated; nothing is computed for, or left on, the NeRFs' weights)."""
     start = 0
     for c in dist.classes:
         idx = train.index[c]
+        params = [p for p in dist.learned_parameters(c).values() if p.requires_grad]
         for s in range(0, len(idx), chunk):
             part = idx[s:s + chunk]
             imgs, _ = render_relaxed(models[c], centres[c], dist, c, samples[c][part], intr, temperature, True, renderer)
             g = image_grad[start + s:start + s + len(part)].to(device=imgs.device, dtype=imgs.dtype)
-            imgs.backward(gradient=g)
+            grads = torch.autograd.grad(imgs, params, grad_outputs=g, allow_unused=True)
+            for p, gp in zip(params, grads):
+                if gp is not None:
+                    p.grad = gp.detach() if p.grad is None else p.grad + gp.detach()
         start += len(idx)
 
 
@@ -528,7 +534,7 @@ def outer_step(
     if not (math.isfinite(val_loss) and _all_finite(v)):
         raise NeuralSimError(f"Neural-Sim iteration {iteration}: validation loss or its gradient is not finite "
                              f"(L_val = {val_loss}); try a lower neuralsim.inner_lr")
-    row: dict[str, Any] = {"val_loss": val_loss, "val_AP": None, "grad_norm": None,
+    row: dict[str, Any] = {"val_loss": val_loss, "val_AP": None, "grad_norm": None, "v_norm": _flat_norm(v),
                            "train_loss": history[-1]["loss"] if history else None, "n_images": len(train.images)}
     t_img = time.perf_counter()
     if psi_optimizer is not None:
@@ -561,7 +567,7 @@ def outer_step(
         if not _all_finite([p.detach() for p in dist.parameters()]):
             raise NeuralSimError(f"Neural-Sim iteration {iteration}: psi became non-finite; try a lower neuralsim.psi_lr")
         row["grad_norm"] = grad_norm
-        row["u_norm"], row["v_norm"] = _flat_norm(u), _flat_norm(v)
+        row["u_norm"] = _flat_norm(u)
     row["hypergrad_seconds"] = time.perf_counter() - t_img
     if compute_ap:
         row["val_AP"] = _val_ap(detector, val, dist.classes)
@@ -583,7 +589,7 @@ def _psi_state(dist: PoseDistribution, target_probs: Mapping[str, torch.Tensor] 
 # ---------------------------------------------------------------------------------------------------------
 
 BASE_COLUMNS = ("iteration", "val_loss", "val_AP", "grad_norm", "tv_to_target", "train_loss", "v_norm", "u_norm", "n_images",
-                "seconds")
+                "seconds", "hypergrad_seconds")
 
 
 def trajectory_columns(dist: PoseDistribution) -> list[str]:
@@ -627,17 +633,6 @@ def write_trajectory(path: str | Path, rows: Sequence[Mapping[str, Any]], column
 # ---------------------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _fingerprint(val: ValSet, classes: Sequence[str], space: PoseSpace, target_probs) -> str:
@@ -795,7 +790,7 @@ def optimize_distribution(
         detector = _pretrain(models, centres, dist, intr, max_shift, cfg, detector_cfg, renderer, say)
     inner = torch.optim.AdamW(_param_groups(detector, detector_cfg.weight_decay), lr=cfg.inner_lr)
     if start > 0:
-        inner.load_state_dict(ck["inner_optimizer"])  # noqa: F821 (ck is set whenever start > 0)
+        inner.load_state_dict(ck["inner_optimizer"])
     if not rows:
         detector.eval()
         params = tuple(p for p in detector.parameters() if p.requires_grad)
@@ -809,9 +804,9 @@ def optimize_distribution(
         nonlocal last_saved
         if ckpt is None:
             return
-        _atomic_save({"format": CHECKPOINT_FORMAT, **identity, "iteration": iteration, "psi": dist.state_dict(),
-                      "psi_optimizer": adam.state_dict(), "detector": detector.state_dict(),
-                      "inner_optimizer": inner.state_dict(), "generator": generator.get_state(), "rows": rows}, ckpt)
+        save_torch({"format": CHECKPOINT_FORMAT, **identity, "iteration": iteration, "psi": dist.state_dict(),
+                    "psi_optimizer": adam.state_dict(), "detector": detector.state_dict(),
+                    "inner_optimizer": inner.state_dict(), "generator": generator.get_state(), "rows": rows}, ckpt)
         last_saved = iteration
 
     if log_tsv is not None:

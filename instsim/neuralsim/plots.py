@@ -7,13 +7,14 @@ they also work on finished runs without the models.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["read_trajectory", "plot_probabilities", "plot_learned_vs_target", "plot_control_comparison"]
+__all__ = ["plot_control_comparison", "plot_learned_vs_target", "plot_probabilities", "read_trajectory"]
 
 
 def read_trajectory(path: str | Path) -> pd.DataFrame:

@@ -63,6 +63,33 @@ def detector_inputs(wildcards):
     return inputs
 
 
+def neuralsim_inputs(wildcards):
+    """Every class's validated NeRF and camera facts, and the target's val split (images, COCO, distribution)."""
+    return {
+        "checkpoints": expand(res("nerf/{cls}/checkpoint.pt"), cls=CLASSES),
+        "validations": expand(res("nerf/{cls}/validation.json"), cls=CLASSES),
+        "intrinsics": expand(res("data/{cls}/intrinsics.json"), cls=CLASSES),
+        "annotations": res("target/val/annotations.json"),
+        "images": res("target/val/images"),
+        "distribution": res("target/val/distribution.json"),
+    }
+
+
+def neuralsim_params(update_psi, name):
+    return {
+        "classes": CLASSES,
+        "pose_space": config["pose_space"],
+        "target": config["target"],
+        "detector": config["detector"],
+        "neuralsim": config.get("neuralsim", {}),
+        "device": config["device"],
+        "run_seed": config["seed"],
+        "update_psi": update_psi,
+        # periodic checkpoints live outside the outputs, which Snakemake deletes when a job fails
+        "resume": res(f"{name}/resume/state.pt"),
+    }
+
+
 def res(path):
     """A path under the results folder."""
     return f"{RESULTS}/{path}"
@@ -76,6 +103,14 @@ def class_source_files(wildcards):
     return []
 
 
+# Neural-Sim's report plots (its distribution.json is an input of the neuralsim strategy's detectors)
+NEURALSIM_OUTPUTS = [
+    res("neuralsim/probabilities.png"),
+    res("neuralsim/learned_vs_target.png"),
+    res("neuralsim/control_comparison.png"),
+]
+
+
 def all_outputs():
     """Targets of the default target: the final files of every stage that exists so far."""
     return [
@@ -83,4 +118,5 @@ def all_outputs():
         *expand(res("nerf/{cls}/validation.json"), cls=CLASSES),
         res("eval/summary.tsv"),
         *expand(res("target/{tsplit}/annotations.json"), tsplit=TARGET_SPLITS),
+        *(NEURALSIM_OUTPUTS if "neuralsim" in STRATEGIES else []),
     ]

@@ -1,0 +1,73 @@
+# Neural-Sim: the pose distribution psi learned by bilevel optimization through the class NeRFs and a detector,
+# steered by target/val only (target/test is never read here), and its control with the psi update off.
+
+
+rule optimize_distribution:
+    input:
+        unpack(neuralsim_inputs),
+    output:
+        distribution=res("neuralsim/distribution.json"),
+        trajectory=res("neuralsim/trajectory.tsv"),
+        probabilities=report(
+            res("neuralsim/probabilities.png"), caption="../report/neuralsim_probabilities.rst", category="Neural-Sim"
+        ),
+        learned_vs_target=report(
+            res("neuralsim/learned_vs_target.png"),
+            caption="../report/neuralsim_learned_vs_target.rst",
+            category="Neural-Sim",
+        ),
+    params:
+        **neuralsim_params(True, "neuralsim"),
+    log:
+        res("logs/optimize_distribution/neuralsim.log"),
+    benchmark:
+        res("benchmarks/optimize_distribution/neuralsim.tsv")
+    threads: 2
+    resources:
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+        gpu=GPU_JOBS,
+    script:
+        "../scripts/optimize_distribution.py"
+
+
+# The control: the same loop (same samples, fine-tuning and validation) with psi frozen at its start, so a gain
+# of the learned run can be told apart from the extra fine-tuning its detector gets.
+rule optimize_distribution_control:
+    input:
+        unpack(neuralsim_inputs),
+    output:
+        distribution=res("neuralsim_control/distribution.json"),
+        trajectory=res("neuralsim_control/trajectory.tsv"),
+    params:
+        **neuralsim_params(False, "neuralsim_control"),
+    log:
+        res("logs/optimize_distribution/neuralsim_control.log"),
+    benchmark:
+        res("benchmarks/optimize_distribution/neuralsim_control.tsv")
+    threads: 2
+    resources:
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+        gpu=GPU_JOBS,
+    script:
+        "../scripts/optimize_distribution.py"
+
+
+rule neuralsim_control_comparison:
+    input:
+        learned=res("neuralsim/trajectory.tsv"),
+        control=res("neuralsim_control/trajectory.tsv"),
+    output:
+        report(
+            res("neuralsim/control_comparison.png"),
+            caption="../report/neuralsim_control_comparison.rst",
+            category="Neural-Sim",
+        ),
+    log:
+        res("logs/neuralsim_control_comparison.log"),
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    script:
+        "../scripts/optimize_distribution.py"
