@@ -2,21 +2,22 @@
 
 Used by tests/test_slurm.py; also a command line tool for trying the SLURM profile by hand:
 
-    python tests/slurm/cluster.py run -- snakemake --profile profiles/slurm --profile tests/slurm/profile \\
-        --configfile configs/tiny.yaml
+    python tests/slurm/cluster.py run -- snakemake --workflow-profile profiles/slurm \\
+        --profile tests/slurm/profile --configfile configs/tiny.yaml
     python tests/slurm/cluster.py up /tmp/sl       # start and leave running; prints the env to use
     python tests/slurm/cluster.py down /tmp/sl     # stop what `up` started
 
 Nothing global is touched: the packages are installed with apt when missing (root only), and every
 file (slurm.conf, munge key and socket, state, spool, pid and log files) lives in the cluster's folder.
 The daemons listen on free ports picked at start. `stop()` cancels this cluster's jobs and ends exactly
-the three daemons it started, by the PIDs in their pid files (checked against the process name first).
+the three daemons it started, by the PIDs in their pid files (checked against the process name first),
+then any process still left from this cluster's jobs (its environment names this cluster's slurm.conf).
 
 Why the odd bits:
 - the slurm jobstep executor plugin strips every SLURM_* variable, SLURM_CONF included, before it calls
   `srun` inside a job, so SLURM's client commands are wrapped (bin/ first on PATH) to export SLURM_CONF;
-- the node declares 2 fake GPUs (plain files as devices), so jobs that ask `--gpus=1` are scheduled, get
-  CUDA_VISIBLE_DEVICES like on a real cluster, and run on the CPU instead of being refused;
+- the node declares 2 fake GPUs (plain files stand in for the devices), so jobs that ask `--gpus=1` are
+  scheduled and counted as on a real cluster instead of being refused; they compute on the CPU;
 - `SlurmdParameters=config_overrides` lets the node declare more memory than the machine has, so the
   profile's real memory requests are accepted on a small CI machine (memory is not enforced here).
 """
@@ -24,7 +25,8 @@ Why the odd bits:
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import getpass
 import os
 import shutil
 import signal
@@ -32,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -40,7 +43,9 @@ CLIENT_COMMANDS = ("sbatch", "srun", "squeue", "scancel", "sinfo", "scontrol", "
 NEEDED = ("munged", "slurmctld", "slurmd", *CLIENT_COMMANDS)
 APT_PACKAGES = ("slurm-wlm", "munge")
 FAKE_GPUS = 2
+FAKE_GPU_MODEL = "testgpu"  # jobs may ask --gpus=testgpu:1 (the gpu_model resource)
 NODE_MEMORY_MB = 64000
+MIN_JOB_AGE_S = 7200
 
 
 class SlurmUnavailable(RuntimeError):
@@ -54,8 +59,8 @@ def _missing() -> list[str]:
 def ensure_installed(log=print) -> None:
     """Install slurm-wlm and munge with apt when a daemon or client command is missing.
 
-    Raises SlurmUnavailable when that cannot work here (not root, no apt-get); raises CalledProcessError
-    when apt itself fails (a real error on CI, not a reason to skip).
+    Raises SlurmUnavailable when that cannot work here (not root, no apt-get); raises RuntimeError when
+    apt itself fails (a real error on CI, not a reason to skip).
     """
     missing = _missing()
     if os.geteuid() != 0:
@@ -75,9 +80,12 @@ def ensure_installed(log=print) -> None:
             policy.write_text("#!/bin/sh\n# instsim tests/slurm: no service starts while installing SLURM\nexit 101\n")
             policy.chmod(0o755)
         log(f"installing {' '.join(APT_PACKAGES)} with apt-get ({', '.join(missing)} missing)")
-        if subprocess.run(install, env=env, capture_output=True, text=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], env=env, check=True, capture_output=True, text=True)
-            subprocess.run(install, env=env, check=True, capture_output=True, text=True)
+        proc = subprocess.run(install, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:  # stale package lists: update once and try again
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True)
+            proc = subprocess.run(install, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(install)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     finally:
         if own_policy:
             policy.unlink(missing_ok=True)
@@ -114,6 +122,24 @@ def _pid_alive_as(pid: int, name: str) -> bool:
     return comm == name[:15]
 
 
+@contextlib.contextmanager
+def interrupt_on_sigterm():
+    """While active, SIGTERM (e.g. from `timeout`) raises KeyboardInterrupt in the main thread instead of
+    ending Python on the spot, so that `finally` blocks and pytest's fixture teardown still stop the daemons."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class TestCluster:
     """One node, one partition, under `root`. Use as a context manager or call start()/stop()."""
 
@@ -124,7 +150,7 @@ class TestCluster:
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)  # munged refuses group/world-writable folders
         self.node = socket.gethostname().split(".")[0]
-        self.cpus = cpus or os.cpu_count() or 1
+        self.cpus = cpus or len(os.sched_getaffinity(0))  # the CPUs this process may use (containers, CI)
         self.partition = "test"
         self.conf = self.root / "slurm.conf"
         self.bin = self.root / "bin"
@@ -187,23 +213,24 @@ class TestCluster:
             "AccountingStorageType=accounting_storage/none",
             "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/none",
-            # squeue is the status command here (no accounting): finished jobs must stay visible to it.
-            "MinJobAge=300",
+            # No accounting here, so squeue is the status command: finished jobs must stay visible to it (and
+            # to the test's checks after a long run) for the whole run. The plugin needs >= 3 x init seconds.
+            f"MinJobAge={MIN_JOB_AGE_S}",
             "ReturnToService=2",
             "SlurmdParameters=config_overrides",
             "GresTypes=gpu",
             f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={NODE_MEMORY_MB} "
-            f"Gres=gpu:{FAKE_GPUS} State=UNKNOWN",
+            f"Gres=gpu:{FAKE_GPU_MODEL}:{FAKE_GPUS} State=UNKNOWN",
             f"PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
         ]
         self.conf.write_text("\n".join(lines) + "\n")
-        # Fake GPUs: plain files stand in for /dev/nvidiaN (SLURM drops GPUs without a File). SLURM hands them
-        # out and sets CUDA_VISIBLE_DEVICES as on a real cluster; the jobs themselves run on the CPU.
+        # Fake GPUs: plain files stand in for /dev/nvidiaN (SLURM drops GPUs without a File). SLURM schedules
+        # and counts them as on a real cluster; the jobs themselves compute on the CPU.
         (self.root / "dev").mkdir(mode=0o700, exist_ok=True)
         for i in range(FAKE_GPUS):
             (self.root / "dev" / f"gpu{i}").touch()
         (self.root / "gres.conf").write_text(
-            f"NodeName={self.node} Name=gpu File={self.root / 'dev'}/gpu[0-{FAKE_GPUS - 1}]\n"
+            f"NodeName={self.node} Name=gpu Type={FAKE_GPU_MODEL} File={self.root / 'dev'}/gpu[0-{FAKE_GPUS - 1}]\n"
         )
         for cmd in CLIENT_COMMANDS:
             wrapper = self.bin / cmd
@@ -220,7 +247,6 @@ class TestCluster:
                 text = pid_file.read_text().strip()
                 if text.isdigit() and _pid_alive_as(int(text), daemon):
                     self.started[daemon] = int(text)
-                    (self.root / "run" / "started.json").write_text(json.dumps(self.started))
                     return
             time.sleep(0.1)
         raise RuntimeError(
@@ -261,23 +287,35 @@ class TestCluster:
             time.sleep(0.25)
         raise RuntimeError(f"timed out waiting for {what}\n{self.tail('slurmctld')}\n{self.tail('slurmd')}")
 
+    def _pids(self) -> dict[str, int]:
+        """Daemon -> PID: the ones this object started, else (a cluster left by `up`) those in the pid files."""
+        pids = {}
+        for daemon in DAEMONS:
+            pid = self.started.get(daemon)
+            if pid is None:
+                pid_file = self.pid_file(daemon)
+                text = pid_file.read_text().strip() if pid_file.exists() else ""
+                pid = int(text) if text.isdigit() else None
+            if pid is not None:
+                pids[daemon] = pid
+        return pids
+
     def stop(self) -> None:
         """Cancel this cluster's jobs, then end exactly the daemons started here, by PID (reverse order)."""
-        if self.started.get("slurmctld") and _pid_alive_as(self.started["slurmctld"], "slurmctld"):
-            subprocess.run(["scancel", "--full", "-u", "root"], env=self.env, capture_output=True, timeout=30)
-            deadline = time.monotonic() + 10
+        pids = self._pids()
+        if "slurmctld" in pids and _pid_alive_as(pids["slurmctld"], "slurmctld"):
+            # Jobs first, so their processes end with them (slurmstepd outlives a stopped slurmd).
+            subprocess.run(["scancel", "--full", "-u", getpass.getuser()], env=self.env, capture_output=True, timeout=30)
+            deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
-                proc = subprocess.run(["squeue", "-h", "-t", "PD,R,CG", "-o", "%i"], env=self.env,
+                proc = subprocess.run(["squeue", "-h", "-t", "PD,R,CG,S", "-o", "%i"], env=self.env,
                                       capture_output=True, text=True, timeout=30)
                 if proc.returncode != 0 or not proc.stdout.strip():
                     break
                 time.sleep(0.25)
         for daemon in reversed(DAEMONS):
-            pid = self.started.pop(daemon, None)
-            if pid is None:  # started by an earlier process (the `up` command): trust the pid file
-                pid_file = self.pid_file(daemon)
-                text = pid_file.read_text().strip() if pid_file.exists() else ""
-                pid = int(text) if text.isdigit() else None
+            pid = pids.get(daemon)
+            self.started.pop(daemon, None)
             if pid is None or not _pid_alive_as(pid, daemon):
                 continue
             os.kill(pid, signal.SIGTERM)
@@ -286,7 +324,28 @@ class TestCluster:
                 time.sleep(0.1)
             if _pid_alive_as(pid, daemon):
                 os.kill(pid, signal.SIGKILL)
-        (self.root / "run" / "started.json").unlink(missing_ok=True)
+        # A job step that was starting while it was cancelled can outlive its job: end what is left of this
+        # cluster's jobs (processes that have this cluster's SLURM_CONF and a SLURM_JOB_ID in their environment).
+        for pid in self.job_processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def job_processes(self) -> list[int]:
+        """PIDs of processes run by this cluster's jobs."""
+        conf = f"SLURM_CONF={self.conf}".encode()
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                env = (proc / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if conf in env and any(v.startswith(b"SLURM_JOB_ID=") for v in env):
+                pids.append(int(proc.name))
+        return pids
 
     def running(self) -> dict[str, bool]:
         """Daemon name -> whether the process in its pid file is alive."""
@@ -335,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_installed()
     cluster = TestCluster(args.dir)
     try:
-        with cluster:
+        with interrupt_on_sigterm(), cluster:
             return subprocess.run(cmd, env=cluster.env).returncode
     finally:
         if args.dir is None:

@@ -16,8 +16,8 @@ rule generate_dataset:
     benchmark:
         res("benchmarks/generate_dataset/{cls}.tsv")
     resources:
-        mem_mb=2000,
-        runtime=30,
+        mem_mb=lambda wc, attempt: 2000 * attempt,
+        runtime=lambda wc, attempt: 30 * attempt,
     script:
         "../scripts/generate_dataset.py"
 
@@ -30,7 +30,7 @@ rule extract_intrinsics:
     log:
         res("logs/extract_intrinsics/{cls}.log"),
     resources:
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
     script:
         "../scripts/extract_intrinsics.py"

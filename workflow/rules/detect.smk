@@ -40,8 +40,8 @@ rule evaluate:
     log:
         res("logs/evaluate/{strategy}/seed_{seed}.log"),
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=lambda wc, attempt: 2000 * attempt,
+        runtime=lambda wc, attempt: 10 * attempt,
     script:
         "../scripts/evaluate.py"
 
@@ -66,7 +66,7 @@ rule summarize:
     log:
         res("logs/summarize.log"),
     resources:
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
     script:
         "../scripts/summarize.py"

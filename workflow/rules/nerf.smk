@@ -50,8 +50,8 @@ rule validate_checkpoint:
     benchmark:
         res("benchmarks/validate_checkpoint/{cls}.tsv")
     resources:
-        mem_mb=4000,
-        runtime=20,
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 20 * attempt,
         gpu=GPU_JOBS,
     script:
         "../scripts/validate_checkpoint.py"

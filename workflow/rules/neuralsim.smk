@@ -67,7 +67,7 @@ rule neuralsim_control_comparison:
     log:
         res("logs/neuralsim_control_comparison.log"),
     resources:
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=lambda wc, attempt: 1000 * attempt,
+        runtime=lambda wc, attempt: 5 * attempt,
     script:
         "../scripts/optimize_distribution.py"

@@ -16,7 +16,7 @@ rule render_target:
     benchmark:
         res("benchmarks/render_target/{tsplit}.tsv")
     resources:
-        mem_mb=2000,
-        runtime=30,
+        mem_mb=lambda wc, attempt: 2000 * attempt,
+        runtime=lambda wc, attempt: 30 * attempt,
     script:
         "../scripts/render_target.py"
