@@ -91,6 +91,4 @@ def nerf_config(preset: str, overrides: Mapping[str, Any], device: str | None = 
         extra["device"] = device
     if seed is not None:
         extra.setdefault("seed", seed)
-    base = NerfConfig.cpu().to_dict() if preset == "cpu" else NerfConfig.paper().to_dict()
-    base.update(extra)
-    return NerfConfig.from_dict(base, source=source)
+    return NerfConfig.preset(preset, extra, source=source)
