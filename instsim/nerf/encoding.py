@@ -21,6 +21,8 @@ import math
 import torch
 from torch import nn
 
+from ..backend import uses_cuda
+
 __all__ = ["HashEncoding", "level_resolutions", "sh_encode", "SH_DIM", "HASH_PRIMES"]
 
 #: tcnn / Instant-NGP primes; the first is 1 for cache coherence along x.
@@ -148,6 +150,12 @@ class HashEncoding(nn.Module):
         self.register_buffer(
             "hash_offsets", torch.tensor(self.offsets[self.n_dense : n_levels], dtype=torch.int64), persistent=False
         )
+        # per-level tables of the CUDA kernels (instsim.nerf.cuda_ops.hash_encode)
+        self.register_buffer("level_res", torch.tensor(self.resolutions, dtype=torch.int32), persistent=False)
+        self.register_buffer("level_offsets", torch.tensor(self.offsets[:n_levels], dtype=torch.int64), persistent=False)
+        self.register_buffer("level_dense", torch.tensor(dense, dtype=torch.uint8), persistent=False)
+        #: ``nerf.backend`` (set by the model): on a GPU, ``auto``/``cuda`` run the CUDA kernel
+        self.backend = "torch"
 
     @property
     def out_dim(self) -> int:
