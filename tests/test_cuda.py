@@ -91,6 +91,7 @@ def _twin(model: InstantNerf, backend_name: str) -> InstantNerf:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
@@ -110,6 +111,7 @@ def test_hash_encoding_matches_the_torch_path(n_features):
     for name in ("torch", "cuda"):
         enc.backend = name
         out = enc(x)
+        assert ("_HashEncode" in type(out.grad_fn).__name__) == (name == "cuda")  # the path asked for ran
         gx, gt = torch.autograd.grad((out * g).sum(), [x, enc.table])
         outs.append(out)
         grads.append((gx, gt))
@@ -218,6 +220,7 @@ def test_render_matches_the_torch_path_with_and_without_gradient():
     intr = Intrinsics.from_fov(64, 48, 0.7)
     poses = pose_from_spherical(torch.tensor([0.3, 2.0]), torch.tensor([0.2, -0.4]), torch.tensor([3.5, 3.0])).cuda()
     ref = render(ref_model, poses, intr, background="white")
+    assert model.uses_cuda_kernels and not ref_model.uses_cuda_kernels
     fast = render(model, poses, intr, background="white")  # the compacting inference loop
     packed = render(model, poses, intr, background="white", requires_grad=True)  # the autograd path
     for k in ("rgb", "opacity"):
@@ -278,7 +281,8 @@ def test_training_reaches_the_same_psnr_on_both_backends(tmp_path):
     for name in ("torch", "cuda"):
         cfg = NerfConfig.paper(steps=400, device="cuda", backend=name, batch_samples=2**16, log_every=100, checkpoint_every=400)
         out = tmp_path / name
-        train_nerf(train, info, cfg, out / "nerf.pt", out / "log.tsv", progress=False)
+        summary = train_nerf(train, info, cfg, out / "nerf.pt", out / "log.tsv", progress=False)
+        assert summary["backend"] == name
         res = validate_checkpoint(out / "nerf.pt", test, background="white", device="cuda")
         psnrs[name] = res["psnr"]
     assert psnrs["cuda"] > 25 and abs(psnrs["cuda"] - psnrs["torch"]) < 1.0, psnrs

@@ -188,7 +188,9 @@ def render_rays_packed(
     samples before that point go through the network with gradient (the rest would get zero gradient anyway).
 
     Returns the keys of :func:`~instsim.nerf.rendering.render_rays`: ``rgb``, ``opacity``, ``depth``,
-    ``n_samples`` (composited) and ``n_evals`` (density evaluations).
+    ``n_samples`` (composited) and ``n_evals``: with ``prune``, the samples evaluated with gradient (the
+    composited ones: Instant-NGP's "compacted" samples, which its per-step sample budget counts); the
+    density pass without gradient that finds them is not counted.
     """
     cfg = model.cfg
     n_rays = rays_o.shape[0]
@@ -209,7 +211,7 @@ def render_rays_packed(
             ray, t = ray[keep], t[keep]
             starts = torch.cumsum(n_kept, 0) - n_kept
             counts = used
-        n_evals += int(ray.numel())
+        n_evals = int(ray.numel())
     tt = t.to(rays_o.dtype)
     pts = rays_o[ray] + tt[:, None] * rays_d[ray]
     sigma, geo = model.density(pts)

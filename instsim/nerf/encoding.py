@@ -197,6 +197,10 @@ class HashEncoding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(N, 3)`` in ``[0, 1]`` -> ``(N, L * F)`` in the table's dtype, ordered level-major
         (level ``l``'s features at columns ``l * F : (l + 1) * F``)."""
+        if uses_cuda(self.backend, self.table.device):
+            from .cuda_ops import hash_encode
+
+            return hash_encode(self, x)
         x = x.to(self.table.dtype).clamp(0.0, 1.0)
         idx, frac = self.corners(x)
         out = _HashInterp.apply(self.table, idx, frac)  # (F, L, N)

@@ -142,7 +142,8 @@ def train_nerf(
     Returns:
         summary dict: ``step``, ``start_step``, ``steps_run``, ``train_time_s`` (this call),
         ``total_time_s`` (all calls), ``loss``, ``psnr`` (last logged, on random backgrounds),
-        ``rays_per_s``, ``occupied_fraction``, ``samples_per_ray``, ``device``, ``checkpoint``, ``finished``.
+        ``rays_per_s``, ``occupied_fraction``, ``samples_per_ray``, ``device``, ``backend`` (``cuda`` kernels or
+        the ``torch`` path), ``checkpoint``, ``finished``.
 
     Raises:
         InstsimError: non-finite loss (naming the step; the last good checkpoint is kept), a checkpoint
@@ -179,6 +180,8 @@ def _train(
 
     torch.manual_seed(cfg.seed)
     model = InstantNerf(cfg, norm).to(device)
+    # pick the backend (and build or load the kernels) before the clock starts
+    backend_used = "cuda" if model.uses_cuda_kernels else "torch"
     opt = _make_optimizer(model, cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     start, prior_time = 0, 0.0
@@ -347,6 +350,7 @@ def _train(
         "occupied_fraction": model.occupancy.occupied_fraction(),
         "samples_per_ray": None if math.isnan(spr) else spr,
         "device": str(device),
+        "backend": backend_used,
         "checkpoint": str(checkpoint_path if finished else state_path),
         "config": cfg.to_dict(),
     }
