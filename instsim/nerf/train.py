@@ -27,6 +27,7 @@ from .checkpoint import compare_fields, read_checkpoint, save_checkpoint
 from .config import CONSTRUCTION_KEYS, NerfConfig, resolve_max_res
 from .network import InstantNerf
 from .normalization import SceneNormalization
+from .occupancy import device_rand
 from .rendering import render_rays
 
 __all__ = ["train_nerf", "resolve_device", "lr_at", "LOG_COLUMNS"]
@@ -260,11 +261,12 @@ def _train(
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         # a batch of random pixels of random views
-        img = torch.randint(0, n_img, (n_rays,), generator=gen)
-        px = torch.randint(0, w, (n_rays,), generator=gen)
-        py = torch.randint(0, h, (n_rays,), generator=gen)
-        jitter = torch.rand(n_rays, generator=gen)
-        bg = torch.rand(n_rays, 3, generator=gen)
+        rand = device_rand(gen, device)
+        img = (rand(n_rays) * n_img).long().clamp_(max=n_img - 1)
+        px = (rand(n_rays) * w).long().clamp_(max=w - 1)
+        py = (rand(n_rays) * h).long().clamp_(max=h - 1)
+        jitter = rand(n_rays)
+        bg = rand(n_rays, 3)
         img, px, py, jitter, bg = (x.to(device) for x in (img, px, py, jitter, bg))
         uv = torch.stack([px, py], dim=-1).float()[:, None, :] + 0.5  # pixel centres, (n, 1, 2)
         rays_o, rays_d = get_rays(poses[img], intr, uv)
