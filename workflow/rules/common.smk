@@ -42,6 +42,15 @@ SEEDS = [str(s) for s in config["seeds"]]
 GPU_JOBS = gpu_jobs(config["device"])
 
 
+def gpu_resources():
+    """Resources of a GPU stage: `gpu` (1 when the run uses CUDA, else 0) and, when the config names a
+    `gpu_model` and a GPU is asked for, that model (the SLURM plugin turns both into --gpus=<model>:1)."""
+    resources = {"gpu": GPU_JOBS}
+    if GPU_JOBS and config.get("gpu_model"):
+        resources["gpu_model"] = config["gpu_model"]
+    return resources
+
+
 def nerf_settings(wildcards):
     """The NeRF settings of a class: the preset, the config's overrides, the run's device and seed."""
     nerf = config["nerf"]

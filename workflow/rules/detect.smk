@@ -24,7 +24,7 @@ rule train_detector:
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 30 * attempt,
-        gpu=GPU_JOBS,
+        **gpu_resources(),
     script:
         "../scripts/train_detector.py"
 

@@ -20,7 +20,7 @@ rule train_nerf:
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
-        gpu=GPU_JOBS,
+        **gpu_resources(),
     script:
         "../scripts/train_nerf.py"
 
@@ -52,6 +52,6 @@ rule validate_checkpoint:
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 20 * attempt,
-        gpu=GPU_JOBS,
+        **gpu_resources(),
     script:
         "../scripts/validate_checkpoint.py"

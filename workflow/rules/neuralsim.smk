@@ -26,7 +26,7 @@ rule optimize_distribution:
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
-        gpu=GPU_JOBS,
+        **gpu_resources(),
     script:
         "../scripts/optimize_distribution.py"
 
@@ -49,7 +49,7 @@ rule optimize_distribution_control:
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
-        gpu=GPU_JOBS,
+        **gpu_resources(),
     script:
         "../scripts/optimize_distribution.py"
 
