@@ -18,10 +18,10 @@ def _validate_config(config):
         with open(SCHEMA) as f:
             schema = yaml.safe_load(f)
         errors = jsonschema.Draft202012Validator(schema).iter_errors(config)
-        lines = sorted(
-            f"  {'.'.join(str(p) for p in e.absolute_path) or '(top level)'}: {e.message}" for e in errors
+        lines = sorted(f"  {'.'.join(str(p) for p in e.absolute_path) or '(top level)'}: {e.message}" for e in errors)
+        raise WorkflowError(
+            "Invalid config (checked against workflow/schemas/config.schema.yaml):\n" + "\n".join(lines)
         )
-        raise WorkflowError("Invalid config (checked against workflow/schemas/config.schema.yaml):\n" + "\n".join(lines))
     try:
         check_config(config)
     except InstsimError as e:
