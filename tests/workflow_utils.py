@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,13 @@ def run_snakemake(workdir: Path, config: dict | None = None, *args: str, timeout
         "--configfile", str(cfg_path), "--cores", "2", *args,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def slurm_helpers(name: str):
+    """tests/slurm/<name>.py as a module, loaded once per session (tests/slurm is not a package)."""
+    full = f"instsim_tests_slurm_{name}"
+    if full not in sys.modules:
+        spec = importlib.util.spec_from_file_location(full, REPO / "tests" / "slurm" / f"{name}.py")
+        sys.modules[full] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[full]
