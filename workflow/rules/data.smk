@@ -18,6 +18,7 @@ rule generate_dataset:
         source=lambda wc: config["classes"][wc.cls],
         dataset=config["dataset"],
         seed=config["seed"],
+        device=config["device"],
     script:
         "../scripts/generate_dataset.py"
 

@@ -18,5 +18,6 @@ rule render_target:
         pose_space=config["pose_space"],
         target=config["target"],
         seed=config["seed"],
+        device=config["device"],
     script:
         "../scripts/render_target.py"
