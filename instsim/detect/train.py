@@ -220,6 +220,7 @@ def train_detector(
     log_every: int = 50,
     history: list | None = None,
     num_threads: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> CenterNet:
     """Train a detector from scratch (or resume one) on ``images``.
 
@@ -239,6 +240,9 @@ def train_detector(
             setting. On a CPU shared with other jobs, 1 thread per job is much faster than oversubscribing
             (torch's OpenMP threads spin while waiting for descheduled siblings). Does not change the result
             beyond float rounding order.
+        device: where the model and each batch live while training (batches are drawn, augmented and
+            encoded on the CPU, as on a CPU run, so the data stream is the same on every device; results on a
+            GPU differ from the CPU's by float rounding). The returned model is on the CPU.
 
     Returns:
         the model (train mode off: ``eval()``).
@@ -254,14 +258,15 @@ def train_detector(
         torch.set_num_threads(int(num_threads))
         try:
             return train_detector(images, boxes, labels, cfg, log, checkpoint_path, resume, max_steps, progress,
-                                  log_every, history, None)
+                                  log_every, history, None, device)
         finally:
             torch.set_num_threads(old_threads)
     say = log or (lambda msg: None)
     n = len(images)
     total = cfg.total_steps(n)
     stop = total if max_steps is None else max(0, min(total, int(max_steps)))
-    model = build_detector(cfg)
+    device = torch.device(device)
+    model = build_detector(cfg).to(device)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     fingerprint = data_fingerprint(images, boxes, labels) if checkpoint_path is not None else None
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
@@ -306,6 +311,7 @@ def train_detector(
         for step in range(start, stop):
             idx = _batch_indices(cfg.seed, step, n, cfg.batch_size, cache)
             x, t = _batch(images, boxes, labels, idx, cfg, step, True, dtype)
+            x, t = x.to(device), t.to(device)
             lr = lr_at(step, total, cfg)
             loss, parts, gnorm = _train_step(model, opt, x, t, lr, cfg.grad_clip)
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
@@ -331,7 +337,7 @@ def train_detector(
     if start < stop:
         save(stop)
         say(f"detector training reached step {stop}/{total} in {time.time() - t0:.1f} s")
-    return model.eval()
+    return model.cpu().eval()
 
 
 def finetune(
