@@ -50,7 +50,7 @@ from ..errors import ConfigError, InputError, InstsimError
 from ..io import save_torch
 from .distribution import PoseDistribution
 from .implicit import implicit_image_grad, inverse_hvp, make_hvp
-from .sampling import RelaxedSample, draw_noise, relaxed_poses
+from .sampling import RELAXATIONS, RelaxedSample, draw_noise, relaxed_poses
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -119,6 +119,10 @@ class NeuralSimConfig:
     inner_batch_size: images per fine-tuning step (``null``: the detector's ``batch_size``).
     temperature: Gumbel-softmax temperature tau of the relaxed pose samples (lower: closer to hard samples,
         noisier gradients).
+    relaxation: how a relaxed sample depends on psi (:data:`~instsim.neuralsim.sampling.RELAXATIONS`):
+        ``soft`` (Neural-Sim's weighted circular mean of all bin centres), ``straight_through``,
+        ``neighbour`` (interpolation toward the two bins next to the Gumbel-max bin) or ``neighbour_st``
+        (its gradient with the hard sample rendered); see :mod:`instsim.neuralsim.sampling`.
     learned: the pose factors whose distribution is learned; the others stay at their initial
         (uniform) probabilities.
     inverse_hvp: :class:`InverseHVPConfig`.
@@ -140,6 +144,7 @@ class NeuralSimConfig:
     inner_lr: float = 1e-3
     inner_batch_size: int | None = None
     temperature: float = 0.5
+    relaxation: str = "soft"
     learned: tuple[str, ...] = ("azimuth", "elevation", "zoom")
     inverse_hvp: InverseHVPConfig = field(default_factory=InverseHVPConfig)
     psi_lr: float = 0.1
@@ -186,6 +191,8 @@ class NeuralSimConfig:
                 bad(key, f"must be a finite number > 0, got {v!r}")
         if not is_num(self.grad_clip) or self.grad_clip < 0:
             bad("grad_clip", f"must be a finite number >= 0 (0 disables clipping), got {self.grad_clip!r}")
+        if self.relaxation not in RELAXATIONS:
+            bad("relaxation", f"must be one of {list(RELAXATIONS)}, got {self.relaxation!r}")
         if not self.learned:
             bad("learned", "name at least one factor to learn")
         for f in self.learned:
@@ -316,6 +323,7 @@ def render_relaxed(
     temperature: float,
     requires_grad: bool = False,
     renderer: Renderer | None = None,
+    relaxation: str = "soft",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Render the relaxed samples of class ``cls``: the NeRF's premultiplied rgb composited over the stored
     backgrounds, ``rgb + (1 - opacity) * background``.
@@ -329,6 +337,7 @@ def render_relaxed(
         centre: ``(3,)`` world point the cameras look at.
         requires_grad: build the graph from the images back to ``dist``'s logits (through the renderer).
         renderer: see :data:`Renderer`; default the NeRF (:func:`instsim.synth.render_posed`).
+        relaxation: see :func:`~instsim.neuralsim.sampling.relaxed_pose_values`.
 
     Returns:
         ``images (n, 3, H, W)`` in [0, 1] on the renderer's device, and ``boxes (n, 4)`` (COCO xywh pixels,
@@ -337,7 +346,7 @@ def render_relaxed(
     renderer = renderer or _default_renderer
     dtype, device = _model_dtype_device(model)
     with torch.set_grad_enabled(requires_grad):
-        _, c2w = relaxed_poses(dist, cls, samples.noise, temperature)
+        _, c2w = relaxed_poses(dist, cls, samples.noise, temperature, relaxation=relaxation)
         offset = torch.zeros(4, 4, dtype=c2w.dtype, device=c2w.device)
         offset[:3, 3] = torch.as_tensor(centre, dtype=c2w.dtype, device=c2w.device)
         c2w = (c2w + offset).to(device=device, dtype=dtype)  # translate eye and target by the centre
@@ -369,13 +378,15 @@ def render_training_set(
     intr: Intrinsics,
     temperature: float,
     renderer: Renderer | None = None,
+    relaxation: str = "soft",
 ) -> TrainingSet:
     """Render every class's samples without gradient; keep the images whose object is visible (a non-empty
     box), labelled by the class's index in ``dist.classes``."""
     images, boxes, labels, index = [], [], [], {}
     for k, c in enumerate(dist.classes):
         with torch.no_grad():
-            imgs, bx = render_relaxed(models[c], centres[c], dist, c, samples[c], intr, temperature, False, renderer)
+            imgs, bx = render_relaxed(models[c], centres[c], dist, c, samples[c], intr, temperature, False, renderer,
+                                          relaxation)
         visible = ((bx[:, 2] > 0) & (bx[:, 3] > 0)).nonzero().flatten()
         index[c] = visible
         images.append(imgs.float().cpu()[visible])
@@ -395,6 +406,7 @@ def backprop_image_grad(
     temperature: float,
     chunk: int,
     renderer: Renderer | None = None,
+    relaxation: str = "soft",
 ) -> None:
     """Re-render the visible stored samples with gradient, ``chunk`` images at a time, and backpropagate
     ``image_grad`` (``(n, 3, H, W)``, aligned with ``train.images``) into ``dist``'s logits' ``.grad``
@@ -405,7 +417,8 @@ def backprop_image_grad(
         params = [p for p in dist.learned_parameters(c).values() if p.requires_grad]
         for s in range(0, len(idx), chunk):
             part = idx[s:s + chunk]
-            imgs, _ = render_relaxed(models[c], centres[c], dist, c, samples[c][part], intr, temperature, True, renderer)
+            imgs, _ = render_relaxed(models[c], centres[c], dist, c, samples[c][part], intr, temperature, True, renderer,
+                                     relaxation)
             g = image_grad[start + s:start + s + len(part)].to(device=imgs.device, dtype=imgs.dtype)
             grads = torch.autograd.grad(imgs, params, grad_outputs=g, allow_unused=True)
             for p, gp in zip(params, grads):
@@ -521,7 +534,7 @@ def outer_step(
     dcfg = detector.cfg
     size = intr.w
     samples = draw_samples(dist.space, dist.classes, cfg.images_per_class, size, max_shift, generator)
-    train = render_training_set(models, centres, dist, samples, intr, cfg.temperature, renderer)
+    train = render_training_set(models, centres, dist, samples, intr, cfg.temperature, renderer, cfg.relaxation)
     if len(train.images) == 0:
         raise NeuralSimError(f"Neural-Sim iteration {iteration}: none of the {cfg.images_per_class} samples per class "
                              "shows its object (empty renders); check the NeRFs and the pose space")
@@ -556,7 +569,8 @@ def outer_step(
         if not bool(torch.isfinite(g).all()):
             raise NeuralSimError(f"Neural-Sim iteration {iteration}: the image gradient is not finite")
         psi_optimizer.zero_grad(set_to_none=False)
-        backprop_image_grad(models, centres, dist, samples, train, g, intr, cfg.temperature, cfg.render_chunk, renderer)
+        backprop_image_grad(models, centres, dist, samples, train, g, intr, cfg.temperature, cfg.render_chunk, renderer,
+                            cfg.relaxation)
         ps = [p for p in dist.parameters() if p.grad is not None]
         grad_norm = _flat_norm([p.grad for p in ps]) if ps else 0.0
         if not math.isfinite(grad_norm):
@@ -678,7 +692,7 @@ def _pretrain(models, centres, dist, intr, max_shift, cfg: NeuralSimConfig, det_
         return build_detector(det_cfg)
     gen = _gen(cfg.seed, 1)
     samples = draw_samples(dist.space, dist.classes, cfg.pretrain_images_per_class, intr.w, max_shift, gen)
-    train = render_training_set(models, centres, dist, samples, intr, cfg.temperature, renderer)
+    train = render_training_set(models, centres, dist, samples, intr, cfg.temperature, renderer, cfg.relaxation)
     if len(train.images) == 0:
         raise NeuralSimError("Neural-Sim warm start: no rendered sample shows its object; check the NeRFs and pose space")
     pre_cfg = DetectorConfig.from_dict({**det_cfg.to_dict(), "steps": cfg.pretrain_steps})
