@@ -48,6 +48,7 @@ Relaxations (``relaxation=``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -204,7 +205,7 @@ def relaxed_pose_values(
         centres = fac.centres().to(device=device, dtype=dtype)  # (bins,)
         offset = (j - 0.5) * fac.width
         if relaxation in ("neighbour", "neighbour_st"):
-            shift = _neighbour_shift(w, idx, fac.bins, is_circular(fac, circular)) * fac.width
+            shift = _neighbour_shift(scores, idx, fac.bins, is_circular(fac, circular)) * fac.width
             if relaxation == "neighbour_st":
                 shift = shift - shift.detach()  # exactly the hard sample forward, the neighbour gradient back
             value = centres[idx] + offset + shift
@@ -227,24 +228,28 @@ def relaxed_pose_values(
     return out
 
 
-def _neighbour_shift(w: torch.Tensor, idx: torch.Tensor, bins: int, circular: bool) -> torch.Tensor:
+def _neighbour_shift(scores: torch.Tensor, idx: torch.Tensor, bins: int, circular: bool) -> torch.Tensor:
     """``(w_{k+1} - w_{k-1}) / (w_{k-1} + w_k + w_{k+1})`` per row, in bin widths, ``(n,)``.
 
+    Computed as a softmax over the three scores ``(l + g) / tau`` of bins ``k-1, k, k+1`` (the same ratio as
+    of the full softmax weights), so the other bins' logits get exactly zero gradient.
+
     Args:
-        w: ``(n, bins)`` soft Gumbel-softmax weights.
+        scores: ``(n, bins)`` Gumbel-softmax scores ``(l + g) / tau``.
         idx: ``(n,)`` the Gumbel-max bin ``k`` of each row.
         circular: neighbours wrap around (bin ``bins-1`` is next to bin 0); otherwise a neighbour past either
             end has weight 0.
     """
-    rows = torch.arange(len(idx), device=w.device)
+    rows = torch.arange(len(idx), device=scores.device)
     up, down = idx + 1, idx - 1
     if circular:
-        w_up, w_down = w[rows, up % bins], w[rows, down % bins]
+        s_up, s_down = scores[rows, up % bins], scores[rows, down % bins]
     else:
-        zero = torch.zeros((), dtype=w.dtype, device=w.device)
-        w_up = torch.where(up < bins, w[rows, up.clamp(max=bins - 1)], zero)
-        w_down = torch.where(down >= 0, w[rows, down.clamp(min=0)], zero)
-    return (w_up - w_down) / (w_down + w[rows, idx] + w_up)
+        never = torch.full((), -math.inf, dtype=scores.dtype, device=scores.device)
+        s_up = torch.where(up < bins, scores[rows, up.clamp(max=bins - 1)], never)
+        s_down = torch.where(down >= 0, scores[rows, down.clamp(min=0)], never)
+    w = torch.softmax(torch.stack([s_down, scores[rows, idx], s_up], dim=-1), dim=-1)  # (n, 3)
+    return w[:, 2] - w[:, 0]
 
 
 def relaxed_poses(
