@@ -190,6 +190,15 @@ def test_loop_moves_psi_toward_the_target(disk_problem, tmp_path):
     assert all(r["grad_norm"] > 0 for r in rows[1:])
 
 
+@pytest.mark.parametrize("relaxation", ["straight_through", "neighbour_st"])
+def test_loop_with_a_hard_forward_relaxation_moves_psi_toward_the_target(disk_problem, relaxation):
+    """The straight-through variants render only hard samples of psi and still descend L_val."""
+    dist, _, rows = _run(disk_problem, _cfg(relaxation=relaxation, temperature=1.0))
+    tv0, tv1 = rows[0]["tv_to_target"], rows[-1]["tv_to_target"]
+    assert tv1 <= 0.6 * tv0, [round(r["tv_to_target"], 3) for r in rows]
+    assert dist.probs("disk")["elevation"].argmax() == 3
+
+
 def test_loop_with_the_sign_dropped_moves_psi_away(disk_problem, monkeypatch):
     """The published code's sign error (ascending L_val): the same loop drives psi away from the target, so the
     test above measures the hypergradient, not a bias of the sampler or renderer."""
@@ -271,6 +280,7 @@ def test_config_from_dict_names_the_bad_key():
     for bad, key in (({"iteratons": 3}, "neuralsim.iteratons"), ({"inverse_hvp": {"method": "lissa"}}, "neuralsim.inverse_hvp.method"),
                      ({"inverse_hvp": {"kk": 3}}, "neuralsim.inverse_hvp.kk"), ({"learned": ["roll"]}, "neuralsim.learned"),
                      ({"temperature": 0}, "neuralsim.temperature"), ({"images_per_class": 2.5}, "neuralsim.images_per_class"),
-                     ({"grad_clip": -1}, "neuralsim.grad_clip"), ({"learned": "azimuth"}, "neuralsim.learned")):
+                     ({"grad_clip": -1}, "neuralsim.grad_clip"), ({"learned": "azimuth"}, "neuralsim.learned"),
+                     ({"relaxation": "circular"}, "neuralsim.relaxation")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             NeuralSimConfig.from_dict(bad)
