@@ -220,8 +220,23 @@ def test_control_keeps_psi_exactly_at_its_init(disk_problem):
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # the detector still fine-tunes
 
 
-def test_resume_after_a_kill_gives_the_same_final_psi(disk_problem, tmp_path):
-    cfg = _cfg(iterations=6, images_per_class=8, inner_steps=2, eval_every=3, checkpoint_every=2)
+def test_reset_detector_restarts_every_iteration_from_the_warm_start(disk_problem):
+    """With reset_detector and no inner steps the detector never leaves the warm start (every row's val loss is
+    row 0's) while psi still moves; without reset the inner steps accumulate."""
+    dist, det, rows = _run(disk_problem, _cfg(iterations=3, inner_steps=0, reset_detector=True, pretrain_steps=3,
+                                              pretrain_images_per_class=8))
+    assert {r["val_loss"] for r in rows} == {rows[0]["val_loss"]}
+    assert all(r["grad_norm"] > 0 for r in rows[1:]) and rows[-1]["tv_to_target"] != rows[0]["tv_to_target"]
+    _, _, reset_rows = _run(disk_problem, _cfg(iterations=3, inner_steps=3, reset_detector=True))
+    _, _, kept_rows = _run(disk_problem, _cfg(iterations=3, inner_steps=3))
+    assert reset_rows[1]["val_loss"] == kept_rows[1]["val_loss"]  # the first iteration is the same either way
+    assert reset_rows[3]["val_loss"] != kept_rows[3]["val_loss"]  # then 3 steps from the start vs 9 in all
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_resume_after_a_kill_gives_the_same_final_psi(disk_problem, tmp_path, reset):
+    cfg = _cfg(iterations=6, images_per_class=8, inner_steps=2, eval_every=3, checkpoint_every=2, reset_detector=reset,
+               pretrain_steps=3 if reset else 0, pretrain_images_per_class=8)
     ref_dist, ref_det, ref_rows = _run(disk_problem, cfg)
 
     class Killed(Exception):
@@ -247,7 +262,8 @@ def test_resume_after_a_kill_gives_the_same_final_psi(disk_problem, tmp_path):
     again, _, _ = _run(disk_problem, cfg, checkpoint_path=ckpt)
     assert all(torch.equal(a, b) for a, b in zip(again.parameters(), ref_dist.parameters()))
     with pytest.raises(ConfigError, match="config"):
-        _run(disk_problem, _cfg(iterations=6, images_per_class=8, inner_steps=3), checkpoint_path=ckpt)
+        _run(disk_problem, _cfg(iterations=6, images_per_class=8, inner_steps=3, reset_detector=reset,
+                                pretrain_steps=3 if reset else 0, pretrain_images_per_class=8), checkpoint_path=ckpt)
     with pytest.raises(ConfigError, match="update_psi"):
         _run(disk_problem, cfg, checkpoint_path=ckpt, update_psi=False)
 
@@ -281,6 +297,6 @@ def test_config_from_dict_names_the_bad_key():
                      ({"inverse_hvp": {"kk": 3}}, "neuralsim.inverse_hvp.kk"), ({"learned": ["roll"]}, "neuralsim.learned"),
                      ({"temperature": 0}, "neuralsim.temperature"), ({"images_per_class": 2.5}, "neuralsim.images_per_class"),
                      ({"grad_clip": -1}, "neuralsim.grad_clip"), ({"learned": "azimuth"}, "neuralsim.learned"),
-                     ({"relaxation": "circular"}, "neuralsim.relaxation")):
+                     ({"relaxation": "circular"}, "neuralsim.relaxation"), ({"reset_detector": 1}, "neuralsim.reset_detector")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             NeuralSimConfig.from_dict(bad)

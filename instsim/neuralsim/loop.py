@@ -6,7 +6,8 @@ One outer iteration (:func:`outer_step`), for the current psi and detector theta
 1. per class, draw K relaxed pose samples (stored Gumbel noise and jitter), principal-point shifts and
    backgrounds (:func:`draw_samples`), and render them **without gradient** (:func:`render_relaxed`):
    the NeRF's premultiplied rgb over the background, boxes from the opacity (held fixed from here on);
-2. fine-tune theta on those images from the previous theta (``inner_steps`` AdamW steps, no augmentation);
+2. fine-tune theta on those images from the previous theta (``inner_steps`` AdamW steps, no augmentation), or
+   with ``reset_detector`` from the warm-started theta every iteration;
 3. ``v = dL_val/dtheta`` on ``target/val``;
 4. ``u ~ H^-1 v`` with ``H`` the Hessian of the training loss on the rendered images (identity / Neumann /
    CG, :func:`~instsim.neuralsim.implicit.inverse_hvp`);
@@ -131,6 +132,10 @@ class NeuralSimConfig:
     pretrain_steps: detector warm start before the loop: steps of ordinary detector training (the
         detector's own schedule and augmentation) on samples of the initial psi (0: start from scratch).
     pretrain_images_per_class: images per class rendered for the warm start.
+    reset_detector: every outer iteration fine-tunes from the warm-started detector (fresh inner optimizer)
+        instead of from the previous iteration's weights, so the inner solution ``theta(psi)`` depends on the
+        current psi only, not on the whole trajectory, and the hypergradient is always taken at a detector of the
+        same training stage (False: Neural-Sim's persistent detector).
     eval_every: COCO AP on target/val every this many iterations (and at the first and last).
     checkpoint_every: iterations between resume checkpoints.
     render_chunk: images re-rendered with gradient at once (bounds the autograd graph's memory).
@@ -151,6 +156,7 @@ class NeuralSimConfig:
     grad_clip: float = 1.0
     pretrain_steps: int = 0
     pretrain_images_per_class: int = 64
+    reset_detector: bool = False
     eval_every: int = 1
     checkpoint_every: int = 5
     render_chunk: int = 8
@@ -193,6 +199,8 @@ class NeuralSimConfig:
             bad("grad_clip", f"must be a finite number >= 0 (0 disables clipping), got {self.grad_clip!r}")
         if self.relaxation not in RELAXATIONS:
             bad("relaxation", f"must be one of {list(RELAXATIONS)}, got {self.relaxation!r}")
+        if not isinstance(self.reset_detector, bool):
+            bad("reset_detector", f"must be true or false, got {self.reset_detector!r}")
         if not self.learned:
             bad("learned", "name at least one factor to learn")
         for f in self.learned:
@@ -805,6 +813,9 @@ def optimize_distribution(
     inner = torch.optim.AdamW(_param_groups(detector, detector_cfg.weight_decay), lr=cfg.inner_lr)
     if start > 0:
         inner.load_state_dict(ck["inner_optimizer"])
+    # the detector every iteration restarts from with reset_detector (kept in the checkpoint for a resume)
+    warm = ({k: t.detach().clone() for k, t in (ck["warm_detector"] if start > 0 else detector.state_dict()).items()}
+            if cfg.reset_detector else None)
     if not rows:
         detector.eval()
         params = tuple(p for p in detector.parameters() if p.requires_grad)
@@ -820,7 +831,8 @@ def optimize_distribution(
             return
         save_torch({"format": CHECKPOINT_FORMAT, **identity, "iteration": iteration, "psi": dist.state_dict(),
                     "psi_optimizer": adam.state_dict(), "detector": detector.state_dict(),
-                    "inner_optimizer": inner.state_dict(), "generator": generator.get_state(), "rows": rows}, ckpt)
+                    "inner_optimizer": inner.state_dict(), "generator": generator.get_state(), "rows": rows,
+                    **({"warm_detector": warm} if warm is not None else {})}, ckpt)
         last_saved = iteration
 
     if log_tsv is not None:
@@ -837,6 +849,9 @@ def optimize_distribution(
     bar = tqdm(total=stop, initial=min(start, stop), desc="neuralsim", unit="it", disable=not progress or start >= stop)
     try:
         for it in range(start + 1, stop + 1):
+            if warm is not None:
+                detector.load_state_dict(warm)
+                inner = torch.optim.AdamW(_param_groups(detector, detector_cfg.weight_decay), lr=cfg.inner_lr)
             try:
                 row = outer_step(iteration=it, models=models, centres=centres, dist=dist,
                                  psi_optimizer=adam if update_psi else None, detector=detector, inner_optimizer=inner,
