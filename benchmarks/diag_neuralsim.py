@@ -32,16 +32,21 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from instsim.cameras import PoseSpace  # noqa: E402
-from instsim.detect import DetectorConfig, detection_loss, finetune, train_detector  # noqa: E402
-from instsim.detect.train import _param_groups  # noqa: E402
-from instsim.io import read_json  # noqa: E402
-from instsim.neuralsim.distribution import PoseDistribution  # noqa: E402
-from instsim.neuralsim.loop import (  # noqa: E402
-    NeuralSimConfig, ValSet, _gen, _targets, _val_loss_and_grad, outer_step,
+from instsim.cameras import PoseSpace
+from instsim.detect import DetectorConfig, detection_loss, finetune, train_detector
+from instsim.detect.train import _param_groups
+from instsim.io import read_json
+from instsim.neuralsim.distribution import PoseDistribution
+from instsim.neuralsim.loop import (
+    NeuralSimConfig,
+    ValSet,
+    _gen,
+    _targets,
+    _val_loss_and_grad,
+    outer_step,
 )
-from instsim.strategies import detector_config, load_class_nerfs, load_coco_images  # noqa: E402
-from instsim.synth import make_synthetic_set  # noqa: E402
+from instsim.strategies import detector_config, load_class_nerfs, load_coco_images
+from instsim.synth import make_synthetic_set
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +115,7 @@ def measure_influence(ctx, warm, n: int, method: str) -> dict:
         if method == "identity":
             u = v
         else:
-            u = inverse_hvp(make_hvp(lambda p: detection_loss(warm, x, t), params), v, method, 5, 0.01, 0.01)
+            u = inverse_hvp(make_hvp(lambda p, x=x, t=t: detection_loss(warm, x, t), params), v, method, 5, 0.01, 0.01)
         vals = []
         for i in range(len(x)):
             g = torch.autograd.grad(detection_loss(warm, x[i:i + 1], t.index(slice(i, i + 1))), params, allow_unused=True)

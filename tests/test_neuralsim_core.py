@@ -13,6 +13,7 @@ import torch
 from instsim.cameras import BinnedFactor, PoseSample, PoseSpace
 from instsim.errors import InputError
 from instsim.neuralsim import (
+    RELAXATIONS,
     PoseDistribution,
     RelaxedSample,
     draw_noise,
@@ -27,7 +28,6 @@ from instsim.neuralsim import (
     poses_from_values,
     relaxed_pose_values,
     relaxed_poses,
-    RELAXATIONS,
     to_pose_sample,
     tv_distance,
     value_bins,

@@ -223,7 +223,7 @@ def test_control_keeps_psi_exactly_at_its_init(disk_problem):
 def test_reset_detector_restarts_every_iteration_from_the_warm_start(disk_problem):
     """With reset_detector and no inner steps the detector never leaves the warm start (every row's val loss is
     row 0's) while psi still moves; without reset the inner steps accumulate."""
-    dist, det, rows = _run(disk_problem, _cfg(iterations=3, inner_steps=0, reset_detector=True, pretrain_steps=3,
+    _, _, rows = _run(disk_problem, _cfg(iterations=3, inner_steps=0, reset_detector=True, pretrain_steps=3,
                                               pretrain_images_per_class=8))
     assert {r["val_loss"] for r in rows} == {rows[0]["val_loss"]}
     assert all(r["grad_norm"] > 0 for r in rows[1:]) and rows[-1]["tv_to_target"] != rows[0]["tv_to_target"]
