@@ -31,10 +31,11 @@ Relaxations (``relaxation=``):
   so ``d value / d w ~ 1/R`` is heavy-tailed.
 * ``"straight_through"`` (``hard=True``): forward the one-hot ``argmax(l + g)`` weights (the rendered pose is
   exactly the hard sampler's: that bin's centre plus jitter), backward the soft weights' gradient of the
-  formula above.
+  formula above. The temperature then shapes only the gradient: measured on the default run's NeRFs,
+  tau = 1 gave the most consistent direction, tau = 0.2 none (README, Neural-Sim section).
 * ``"neighbour"``: interpolation between the Gumbel-max bin ``k`` and its two neighbours only::
 
-      value = c_k + (j - 0.5) * w + width * (w_{k+1} - w_{k-1}) / (w_{k-1} + w_k + w_{k+1})
+      value = c_k + (j - 0.5) * width + width * (w_{k+1} - w_{k-1}) / (w_{k-1} + w_k + w_{k+1})
 
   (a missing neighbour at the end of a non-circular factor counts as weight 0). The displacement is at most
   one bin width, vanishes as ``tau -> 0`` (the hard sampler again), and its gradient reaches only the logits
