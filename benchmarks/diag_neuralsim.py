@@ -51,17 +51,17 @@ from instsim.synth import make_synthetic_set
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _bin_probs(space: PoseSpace, classes, az_bin: int | None):
-    """Per-class probabilities: uniform, or all azimuth mass on ``az_bin``."""
+def _bin_probs(space: PoseSpace, classes, one_bin: int | None, factor: str = "azimuth"):
+    """Per-class probabilities: uniform, or all of ``factor``'s mass on ``one_bin``."""
     uni = {f: torch.tensor(v, dtype=torch.float64) for f, v in space.uniform().items()}
-    if az_bin is not None:
-        uni["azimuth"] = torch.nn.functional.one_hot(torch.tensor(az_bin), space.factor("azimuth").bins).double()
+    if one_bin is not None:
+        uni[factor] = torch.nn.functional.one_hot(torch.tensor(one_bin), space.factor(factor).bins).double()
     return {c: uni for c in classes}
 
 
-def _synth(ctx, az_bin, n, seed):
-    s = make_synthetic_set(ctx["models"], ctx["centres"], _bin_probs(ctx["space"], ctx["classes"], az_bin), ctx["space"],
-                           ctx["cfg"]["target"], n, seed)
+def _synth(ctx, one_bin, n, seed, factor: str = "azimuth"):
+    probs = _bin_probs(ctx["space"], ctx["classes"], one_bin, factor)
+    s = make_synthetic_set(ctx["models"], ctx["centres"], probs, ctx["space"], ctx["cfg"]["target"], n, seed)
     return s.images.permute(0, 3, 1, 2).contiguous(), [b[None] for b in s.boxes], [l[None] for l in s.labels]
 
 
@@ -86,13 +86,13 @@ def val_loss(model, ctx) -> float:
     return _val_loss_and_grad(model, params, ctx["val"], ctx["val_targets"])[0]
 
 
-def measure_finetune(ctx, warm, steps: int, n: int, lr: float, seeds) -> dict:
-    """Val loss after fine-tuning on one azimuth bin's renders (and on uniform ones), mean over seeds."""
+def measure_finetune(ctx, warm, steps: int, n: int, lr: float, seeds, factor: str = "azimuth") -> dict:
+    """Val loss after fine-tuning on one ``factor`` bin's renders (and on uniform ones), mean over seeds."""
     out = {}
-    for b in [None] + list(range(ctx["space"].factor("azimuth").bins)):
+    for b in [None] + list(range(ctx["space"].factor(factor).bins)):
         losses = []
         for s in seeds:
-            x, bx, lb = _synth(ctx, b, n, seed=777 + s)
+            x, bx, lb = _synth(ctx, b, n, seed=777 + s, factor=factor)
             m = copy.deepcopy(warm)
             opt = torch.optim.AdamW(_param_groups(m, m.cfg.weight_decay), lr=lr)
             finetune(m, x, bx, lb, steps, seed=s, optimizer=opt)
@@ -166,6 +166,7 @@ def main() -> None:
     ap.add_argument("--ft-steps", type=int, default=20)
     ap.add_argument("--ft-images", type=int, default=24)
     ap.add_argument("--ft-seeds", type=int, default=2)
+    ap.add_argument("--ft-factor", default="azimuth", help="factor whose bins the finetune measure compares")
     ap.add_argument("--draws", type=int, default=6)
     ap.add_argument("--relaxations", nargs="+", default=["soft"])
     ap.add_argument("--temperatures", nargs="+", type=float, default=[0.5])
@@ -193,7 +194,9 @@ def main() -> None:
     print("warm val loss", res["warm_val_loss"], f"({time.perf_counter() - t0:.0f} s)", flush=True)
     ns = NeuralSimConfig.from_dict(cfg["neuralsim"])
     if "finetune" in args.measure:
-        res["finetune"] = measure_finetune(ctx, warm, args.ft_steps, args.ft_images, ns.inner_lr, range(args.ft_seeds))
+        res["finetune"] = measure_finetune(ctx, warm, args.ft_steps, args.ft_images, ns.inner_lr, range(args.ft_seeds),
+                                           args.ft_factor)
+        res["finetune_factor"] = args.ft_factor
     if "influence" in args.measure:
         res["influence"] = {m: measure_influence(ctx, warm, 8, m) for m in args.inverse}
     if "hypergrad" in args.measure:
