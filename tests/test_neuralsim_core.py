@@ -13,6 +13,7 @@ import torch
 from instsim.cameras import BinnedFactor, PoseSample, PoseSpace
 from instsim.errors import InputError
 from instsim.neuralsim import (
+    RELAXATIONS,
     PoseDistribution,
     RelaxedSample,
     draw_noise,
@@ -204,6 +205,83 @@ def test_azimuth_wraps_around():
     c2w = poses_from_values({"azimuth": torch.tensor([359.9, 0.1], dtype=F64),
                              "elevation": torch.zeros(2, dtype=F64), "zoom": torch.full((2,), 3.0, dtype=F64)})
     assert (c2w[0] - c2w[1]).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("relaxation", RELAXATIONS)
+def test_every_relaxation_is_reproducible_differentiable_and_hard_at_low_temperature(relaxation):
+    space, gen = _space(), torch.Generator().manual_seed(5)
+    logits = _logits(gen, space)
+    noise = draw_noise(space, 200, gen)
+    v0 = relaxed_pose_values(logits, noise, 0.5, space, relaxation=relaxation)
+    v1 = relaxed_pose_values(logits, noise, 0.5, space, relaxation=relaxation)
+    poses_from_values(v0)[:, :3, 3].sum().backward()
+    for f in space.FACTORS:
+        assert torch.equal(v0[f].detach(), v1[f].detach())
+        assert torch.isfinite(logits[f].grad).all() and logits[f].grad.abs().max() > 0, (relaxation, f)
+    want = hard_bins(logits, noise)
+    cold = relaxed_pose_values(logits, noise, 1e-4, space, relaxation=relaxation)
+    for f in space.FACTORS:
+        expected = space.factor(f).value(want[f], noise.jitter[f])  # the hard sampler's value
+        assert torch.allclose(cold[f].detach(), expected, atol=1e-6), (relaxation, f)
+
+
+def test_neighbour_relaxation_moves_at_most_one_bin_toward_the_neighbours_only():
+    space, gen = _space(), torch.Generator().manual_seed(6)
+    logits = _logits(gen, space)
+    noise = draw_noise(space, 300, gen)
+    k = hard_bins(logits, noise)
+    values = relaxed_pose_values(logits, noise, 2.0, space, relaxation="neighbour")
+    for f in space.FACTORS:
+        fac = space.factor(f)
+        hard = fac.value(k[f], noise.jitter[f])
+        shift = values[f].detach() - hard
+        if is_circular(fac):
+            shift = torch.remainder(shift + 180.0, 360.0) - 180.0
+        assert (shift.abs() <= fac.width + 1e-9).all(), f
+        if not is_circular(fac):  # no neighbour past the ends: never pushed outside the range's end bins
+            assert (shift[k[f] == 0] >= -1e-12).all() and (shift[k[f] == fac.bins - 1] <= 1e-12).all(), f
+    # one sample's gradient reaches only its Gumbel-max bin and the two bins next to it (wrapping for azimuth)
+    for i in range(20):
+        az = logits["azimuth"]
+        (g,) = torch.autograd.grad(values["azimuth"][i], az, retain_graph=True)
+        kk = int(k["azimuth"][i])
+        allowed = {(kk - 1) % 8, kk, (kk + 1) % 8}
+        assert {b for b in range(8) if g[b] != 0} <= allowed and g.abs().sum() > 0
+        # raising the next bin's logit turns the view toward it
+        assert g[(kk + 1) % 8] > 0 and g[(kk - 1) % 8] < 0
+
+
+def test_neighbour_relaxation_wraps_across_the_seam():
+    space = _space()
+    az = torch.full((8,), -20.0, dtype=F64)
+    az[0] = az[7] = 0.0
+    logits = {"azimuth": az.requires_grad_(True), "elevation": torch.zeros(3, dtype=F64), "zoom": torch.zeros(3, dtype=F64)}
+    values = relaxed_pose_values(logits, draw_noise(space, 400, torch.Generator().manual_seed(7)), 1.0, space,
+                                 relaxation="neighbour")
+    v = values["azimuth"].detach()
+    assert ((v >= 0) & (v < 360)).all()
+    assert (torch.minimum(v, 360 - v) <= 67.5 + 1e-9).all()  # bin 0 or 7 plus at most one bin toward the other
+
+
+def test_neighbour_st_renders_exactly_the_hard_sample_with_the_neighbour_gradient():
+    space, gen = _space(), torch.Generator().manual_seed(8)
+    logits = _logits(gen, space)
+    noise = draw_noise(space, 50, gen)
+    k = hard_bins(logits, noise)
+    st = relaxed_pose_values(logits, noise, 0.7, space, relaxation="neighbour_st")
+    soft = relaxed_pose_values(logits, noise, 0.7, space, relaxation="neighbour")
+    for f in space.FACTORS:
+        assert torch.allclose(st[f].detach(), space.factor(f).value(k[f], noise.jitter[f]), atol=1e-9)
+        (g_st,) = torch.autograd.grad(st[f].sum(), logits[f], retain_graph=True)
+        (g_soft,) = torch.autograd.grad(soft[f].sum(), logits[f], retain_graph=True)
+        assert torch.allclose(g_st, g_soft)
+
+
+def test_unknown_relaxation_is_refused():
+    space = _space()
+    with pytest.raises(ValueError, match="relaxation"):
+        relaxed_pose_values(_logits(torch.Generator().manual_seed(0), space), draw_noise(space, 2, torch.Generator()),
+                            0.5, space, relaxation="circular")
 
 
 def test_pose_sample_view_and_hard_sampling_from_distribution():

@@ -190,6 +190,15 @@ def test_loop_moves_psi_toward_the_target(disk_problem, tmp_path):
     assert all(r["grad_norm"] > 0 for r in rows[1:])
 
 
+@pytest.mark.parametrize("relaxation", ["straight_through", "neighbour_st"])
+def test_loop_with_a_hard_forward_relaxation_moves_psi_toward_the_target(disk_problem, relaxation):
+    """The straight-through variants render only hard samples of psi and still descend L_val."""
+    dist, _, rows = _run(disk_problem, _cfg(relaxation=relaxation, temperature=1.0))
+    tv0, tv1 = rows[0]["tv_to_target"], rows[-1]["tv_to_target"]
+    assert tv1 <= 0.6 * tv0, [round(r["tv_to_target"], 3) for r in rows]
+    assert dist.probs("disk")["elevation"].argmax() == 3
+
+
 def test_loop_with_the_sign_dropped_moves_psi_away(disk_problem, monkeypatch):
     """The published code's sign error (ascending L_val): the same loop drives psi away from the target, so the
     test above measures the hypergradient, not a bias of the sampler or renderer."""
@@ -211,8 +220,23 @@ def test_control_keeps_psi_exactly_at_its_init(disk_problem):
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # the detector still fine-tunes
 
 
-def test_resume_after_a_kill_gives_the_same_final_psi(disk_problem, tmp_path):
-    cfg = _cfg(iterations=6, images_per_class=8, inner_steps=2, eval_every=3, checkpoint_every=2)
+def test_reset_detector_restarts_every_iteration_from_the_warm_start(disk_problem):
+    """With reset_detector and no inner steps the detector never leaves the warm start (every row's val loss is
+    row 0's) while psi still moves; without reset the inner steps accumulate."""
+    _, _, rows = _run(disk_problem, _cfg(iterations=3, inner_steps=0, reset_detector=True, pretrain_steps=3,
+                                              pretrain_images_per_class=8))
+    assert {r["val_loss"] for r in rows} == {rows[0]["val_loss"]}
+    assert all(r["grad_norm"] > 0 for r in rows[1:]) and rows[-1]["tv_to_target"] != rows[0]["tv_to_target"]
+    _, _, reset_rows = _run(disk_problem, _cfg(iterations=3, inner_steps=3, reset_detector=True))
+    _, _, kept_rows = _run(disk_problem, _cfg(iterations=3, inner_steps=3))
+    assert reset_rows[1]["val_loss"] == kept_rows[1]["val_loss"]  # the first iteration is the same either way
+    assert reset_rows[3]["val_loss"] != kept_rows[3]["val_loss"]  # then 3 steps from the start vs 9 in all
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_resume_after_a_kill_gives_the_same_final_psi(disk_problem, tmp_path, reset):
+    cfg = _cfg(iterations=6, images_per_class=8, inner_steps=2, eval_every=3, checkpoint_every=2, reset_detector=reset,
+               pretrain_steps=3 if reset else 0, pretrain_images_per_class=8)
     ref_dist, ref_det, ref_rows = _run(disk_problem, cfg)
 
     class Killed(Exception):
@@ -238,7 +262,8 @@ def test_resume_after_a_kill_gives_the_same_final_psi(disk_problem, tmp_path):
     again, _, _ = _run(disk_problem, cfg, checkpoint_path=ckpt)
     assert all(torch.equal(a, b) for a, b in zip(again.parameters(), ref_dist.parameters()))
     with pytest.raises(ConfigError, match="config"):
-        _run(disk_problem, _cfg(iterations=6, images_per_class=8, inner_steps=3), checkpoint_path=ckpt)
+        _run(disk_problem, _cfg(iterations=6, images_per_class=8, inner_steps=3, reset_detector=reset,
+                                pretrain_steps=3 if reset else 0, pretrain_images_per_class=8), checkpoint_path=ckpt)
     with pytest.raises(ConfigError, match="update_psi"):
         _run(disk_problem, cfg, checkpoint_path=ckpt, update_psi=False)
 
@@ -271,6 +296,7 @@ def test_config_from_dict_names_the_bad_key():
     for bad, key in (({"iteratons": 3}, "neuralsim.iteratons"), ({"inverse_hvp": {"method": "lissa"}}, "neuralsim.inverse_hvp.method"),
                      ({"inverse_hvp": {"kk": 3}}, "neuralsim.inverse_hvp.kk"), ({"learned": ["roll"]}, "neuralsim.learned"),
                      ({"temperature": 0}, "neuralsim.temperature"), ({"images_per_class": 2.5}, "neuralsim.images_per_class"),
-                     ({"grad_clip": -1}, "neuralsim.grad_clip"), ({"learned": "azimuth"}, "neuralsim.learned")):
+                     ({"grad_clip": -1}, "neuralsim.grad_clip"), ({"learned": "azimuth"}, "neuralsim.learned"),
+                     ({"relaxation": "circular"}, "neuralsim.relaxation"), ({"reset_detector": 1}, "neuralsim.reset_detector")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             NeuralSimConfig.from_dict(bad)

@@ -6,7 +6,8 @@ One outer iteration (:func:`outer_step`), for the current psi and detector theta
 1. per class, draw K relaxed pose samples (stored Gumbel noise and jitter), principal-point shifts and
    backgrounds (:func:`draw_samples`), and render them **without gradient** (:func:`render_relaxed`):
    the NeRF's premultiplied rgb over the background, boxes from the opacity (held fixed from here on);
-2. fine-tune theta on those images from the previous theta (``inner_steps`` AdamW steps, no augmentation);
+2. fine-tune theta on those images from the previous theta (``inner_steps`` AdamW steps, no augmentation), or
+   with ``reset_detector`` from the warm-started theta every iteration;
 3. ``v = dL_val/dtheta`` on ``target/val``;
 4. ``u ~ H^-1 v`` with ``H`` the Hessian of the training loss on the rendered images (identity / Neumann /
    CG, :func:`~instsim.neuralsim.implicit.inverse_hvp`);
@@ -51,7 +52,7 @@ from ..config_fields import FieldChecks, is_int, is_number
 from ..io import load_torch, save_torch
 from .distribution import PoseDistribution
 from .implicit import implicit_image_grad, inverse_hvp, make_hvp
-from .sampling import RelaxedSample, draw_noise, relaxed_poses
+from .sampling import RELAXATIONS, RelaxedSample, draw_noise, relaxed_poses
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -120,6 +121,10 @@ class NeuralSimConfig:
     inner_batch_size: images per fine-tuning step (``null``: the detector's ``batch_size``).
     temperature: Gumbel-softmax temperature tau of the relaxed pose samples (lower: closer to hard samples,
         noisier gradients).
+    relaxation: how a relaxed sample depends on psi (:data:`~instsim.neuralsim.sampling.RELAXATIONS`):
+        ``soft`` (Neural-Sim's weighted circular mean of all bin centres), ``straight_through``,
+        ``neighbour`` (interpolation toward the two bins next to the Gumbel-max bin) or ``neighbour_st``
+        (its gradient with the hard sample rendered); see :mod:`instsim.neuralsim.sampling`.
     learned: the pose factors whose distribution is learned; the others stay at their initial
         (uniform) probabilities.
     inverse_hvp: :class:`InverseHVPConfig`.
@@ -128,6 +133,10 @@ class NeuralSimConfig:
     pretrain_steps: detector warm start before the loop: steps of ordinary detector training (the
         detector's own schedule and augmentation) on samples of the initial psi (0: start from scratch).
     pretrain_images_per_class: images per class rendered for the warm start.
+    reset_detector: every outer iteration fine-tunes from the warm-started detector (fresh inner optimizer)
+        instead of from the previous iteration's weights, so the inner solution ``theta(psi)`` depends on the
+        current psi only, not on the whole trajectory, and the hypergradient is always taken at a detector of the
+        same training stage (False: Neural-Sim's persistent detector).
     eval_every: COCO AP on target/val every this many iterations (and at the first and last).
     checkpoint_every: iterations between resume checkpoints.
     render_chunk: images re-rendered with gradient at once (bounds the autograd graph's memory).
@@ -141,12 +150,14 @@ class NeuralSimConfig:
     inner_lr: float = 1e-3
     inner_batch_size: int | None = None
     temperature: float = 0.5
+    relaxation: str = "soft"
     learned: tuple[str, ...] = ("azimuth", "elevation", "zoom")
     inverse_hvp: InverseHVPConfig = field(default_factory=InverseHVPConfig)
     psi_lr: float = 0.1
     grad_clip: float = 1.0
     pretrain_steps: int = 0
     pretrain_images_per_class: int = 64
+    reset_detector: bool = False
     eval_every: int = 1
     checkpoint_every: int = 5
     render_chunk: int = 8
@@ -170,6 +181,10 @@ class NeuralSimConfig:
         check.numbers(self, ("inner_lr", "temperature", "psi_lr"), 0, strict=True)
         if not is_number(self.grad_clip) or self.grad_clip < 0:
             bad("grad_clip", f"must be a finite number >= 0 (0 disables clipping), got {self.grad_clip!r}")
+        if self.relaxation not in RELAXATIONS:
+            bad("relaxation", f"must be one of {list(RELAXATIONS)}, got {self.relaxation!r}")
+        if not isinstance(self.reset_detector, bool):
+            bad("reset_detector", f"must be true or false, got {self.reset_detector!r}")
         if not self.learned:
             bad("learned", "name at least one factor to learn")
         for f in self.learned:
@@ -294,6 +309,7 @@ def render_relaxed(
     temperature: float,
     requires_grad: bool = False,
     renderer: Renderer | None = None,
+    relaxation: str = "soft",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Render the relaxed samples of class ``cls``: the NeRF's premultiplied rgb composited over the stored
     backgrounds, ``rgb + (1 - opacity) * background``.
@@ -307,6 +323,7 @@ def render_relaxed(
         centre: ``(3,)`` world point the cameras look at.
         requires_grad: build the graph from the images back to ``dist``'s logits (through the renderer).
         renderer: see :data:`Renderer`; default the NeRF (:func:`instsim.synth.render_posed`).
+        relaxation: see :func:`~instsim.neuralsim.sampling.relaxed_pose_values`.
 
     Returns:
         ``images (n, 3, H, W)`` in [0, 1] on the renderer's device, and ``boxes (n, 4)`` (COCO xywh pixels,
@@ -315,7 +332,7 @@ def render_relaxed(
     renderer = renderer or _default_renderer
     dtype, device = _model_dtype_device(model)
     with torch.set_grad_enabled(requires_grad):
-        _, c2w = relaxed_poses(dist, cls, samples.noise, temperature)
+        _, c2w = relaxed_poses(dist, cls, samples.noise, temperature, relaxation=relaxation)
         offset = torch.zeros(4, 4, dtype=c2w.dtype, device=c2w.device)
         offset[:3, 3] = torch.as_tensor(centre, dtype=c2w.dtype, device=c2w.device)
         c2w = (c2w + offset).to(device=device, dtype=dtype)  # translate eye and target by the centre
@@ -347,13 +364,15 @@ def render_training_set(
     intr: Intrinsics,
     temperature: float,
     renderer: Renderer | None = None,
+    relaxation: str = "soft",
 ) -> TrainingSet:
     """Render every class's samples without gradient; keep the images whose object is visible (a non-empty
     box), labelled by the class's index in ``dist.classes``."""
     images, boxes, labels, index = [], [], [], {}
     for k, c in enumerate(dist.classes):
         with torch.no_grad():
-            imgs, bx = render_relaxed(models[c], centres[c], dist, c, samples[c], intr, temperature, False, renderer)
+            imgs, bx = render_relaxed(models[c], centres[c], dist, c, samples[c], intr, temperature, False, renderer,
+                                          relaxation)
         visible = ((bx[:, 2] > 0) & (bx[:, 3] > 0)).nonzero().flatten()
         index[c] = visible
         images.append(imgs.float().cpu()[visible])
@@ -373,6 +392,7 @@ def backprop_image_grad(
     temperature: float,
     chunk: int,
     renderer: Renderer | None = None,
+    relaxation: str = "soft",
 ) -> None:
     """Re-render the visible stored samples with gradient, ``chunk`` images at a time, and backpropagate
     ``image_grad`` (``(n, 3, H, W)``, aligned with ``train.images``) into ``dist``'s logits' ``.grad``
@@ -383,7 +403,8 @@ def backprop_image_grad(
         params = [p for p in dist.learned_parameters(c).values() if p.requires_grad]
         for s in range(0, len(idx), chunk):
             part = idx[s:s + chunk]
-            imgs, _ = render_relaxed(models[c], centres[c], dist, c, samples[c][part], intr, temperature, True, renderer)
+            imgs, _ = render_relaxed(models[c], centres[c], dist, c, samples[c][part], intr, temperature, True, renderer,
+                                     relaxation)
             g = image_grad[start + s:start + s + len(part)].to(device=imgs.device, dtype=imgs.dtype)
             grads = torch.autograd.grad(imgs, params, grad_outputs=g, allow_unused=True)
             for p, gp in zip(params, grads):
@@ -499,7 +520,7 @@ def outer_step(
     dcfg = detector.cfg
     size = intr.w
     samples = draw_samples(dist.space, dist.classes, cfg.images_per_class, size, max_shift, generator)
-    train = render_training_set(models, centres, dist, samples, intr, cfg.temperature, renderer)
+    train = render_training_set(models, centres, dist, samples, intr, cfg.temperature, renderer, cfg.relaxation)
     if len(train.images) == 0:
         raise NeuralSimError(f"Neural-Sim iteration {iteration}: none of the {cfg.images_per_class} samples per class "
                              "shows its object (empty renders); check the NeRFs and the pose space")
@@ -534,7 +555,8 @@ def outer_step(
         if not bool(torch.isfinite(g).all()):
             raise NeuralSimError(f"Neural-Sim iteration {iteration}: the image gradient is not finite")
         psi_optimizer.zero_grad(set_to_none=False)
-        backprop_image_grad(models, centres, dist, samples, train, g, intr, cfg.temperature, cfg.render_chunk, renderer)
+        backprop_image_grad(models, centres, dist, samples, train, g, intr, cfg.temperature, cfg.render_chunk, renderer,
+                            cfg.relaxation)
         ps = [p for p in dist.parameters() if p.grad is not None]
         grad_norm = _flat_norm([p.grad for p in ps]) if ps else 0.0
         if not math.isfinite(grad_norm):
@@ -650,7 +672,7 @@ def _pretrain(models, centres, dist, intr, max_shift, cfg: NeuralSimConfig, det_
         return build_detector(det_cfg)
     gen = _gen(cfg.seed, 1)
     samples = draw_samples(dist.space, dist.classes, cfg.pretrain_images_per_class, intr.w, max_shift, gen)
-    train = render_training_set(models, centres, dist, samples, intr, cfg.temperature, renderer)
+    train = render_training_set(models, centres, dist, samples, intr, cfg.temperature, renderer, cfg.relaxation)
     if len(train.images) == 0:
         raise NeuralSimError("Neural-Sim warm start: no rendered sample shows its object; check the NeRFs and pose space")
     pre_cfg = DetectorConfig.from_dict({**det_cfg.to_dict(), "steps": cfg.pretrain_steps})
@@ -763,6 +785,9 @@ def optimize_distribution(
     inner = torch.optim.AdamW(_param_groups(detector, detector_cfg.weight_decay), lr=cfg.inner_lr)
     if start > 0:
         inner.load_state_dict(ck["inner_optimizer"])
+    # the detector every iteration restarts from with reset_detector (kept in the checkpoint for a resume)
+    warm = ({k: t.detach().clone() for k, t in (ck["warm_detector"] if start > 0 else detector.state_dict()).items()}
+            if cfg.reset_detector else None)
     if not rows:
         detector.eval()
         params = tuple(p for p in detector.parameters() if p.requires_grad)
@@ -778,7 +803,8 @@ def optimize_distribution(
             return
         save_torch({"format": CHECKPOINT_FORMAT, **identity, "iteration": iteration, "psi": dist.state_dict(),
                     "psi_optimizer": adam.state_dict(), "detector": detector.state_dict(),
-                    "inner_optimizer": inner.state_dict(), "generator": generator.get_state(), "rows": rows}, ckpt)
+                    "inner_optimizer": inner.state_dict(), "generator": generator.get_state(), "rows": rows,
+                    **({"warm_detector": warm} if warm is not None else {})}, ckpt)
         last_saved = iteration
 
     if log_tsv is not None:
@@ -795,6 +821,9 @@ def optimize_distribution(
     bar = tqdm(total=stop, initial=min(start, stop), desc="neuralsim", unit="it", disable=not progress or start >= stop)
     try:
         for it in range(start + 1, stop + 1):
+            if warm is not None:
+                detector.load_state_dict(warm)
+                inner = torch.optim.AdamW(_param_groups(detector, detector_cfg.weight_decay), lr=cfg.inner_lr)
             try:
                 row = outer_step(iteration=it, models=models, centres=centres, dist=dist,
                                  psi_optimizer=adam if update_psi else None, detector=detector, inner_optimizer=inner,

@@ -22,14 +22,34 @@ vectors at the centres, taken relative to the centre of the ``argmax(l + g)`` bi
 neighbours (a plain weighted average of 22.5 and 337.5 degrees would be 180). The result is wrapped
 into ``[low, low + 360)``. A factor that does not span a full turn is averaged linearly.
 
-Hard variant (``hard=True``): the weights are the one-hot ``argmax(l + g)`` in the forward pass (the
-rendered pose is the hard sample's bin centre plus jitter, exactly what a hard sampler gives) with the
-straight-through gradient of the soft weights. Neural-Sim's default is the soft relaxation
-(``hard=False``): the soft value is what gets rendered and its gradient is exact for it.
+Relaxations (``relaxation=``):
+
+* ``"soft"`` (Neural-Sim's): the value above, the weighted (circular) mean of *all* bin centres. What is
+  rendered is the soft value and its gradient is exact for it, but at a moderate temperature the weights
+  spread over far bins: the rendered view lies between bins (a mixture of bins 90 degrees apart matches
+  neither), and near an even split of opposite bins the circular mean's resultant length ``R`` is small,
+  so ``d value / d w ~ 1/R`` is heavy-tailed.
+* ``"straight_through"`` (``hard=True``): forward the one-hot ``argmax(l + g)`` weights (the rendered pose is
+  exactly the hard sampler's: that bin's centre plus jitter), backward the soft weights' gradient of the
+  formula above. The temperature then shapes only the gradient: measured on the default run's NeRFs,
+  tau = 1 gave the most consistent direction, tau = 0.2 none (README, Neural-Sim section).
+* ``"neighbour"``: interpolation between the Gumbel-max bin ``k`` and its two neighbours only::
+
+      value = c_k + (j - 0.5) * width + width * (w_{k+1} - w_{k-1}) / (w_{k-1} + w_k + w_{k+1})
+
+  (a missing neighbour at the end of a non-circular factor counts as weight 0). The displacement is at most
+  one bin width, vanishes as ``tau -> 0`` (the hard sampler again), and its gradient reaches only the logits
+  of ``k`` and its neighbours: raising ``l_{k+1}`` moves the view toward bin ``k+1``. So the image gradient
+  of a sample ("would this view help more if turned a little?") moves probability between *adjacent* bins,
+  never to a bin on the far side, and the denominator is at least ``w_k`` (the largest weight), so the
+  gradient is bounded by ``width / tau``.
+* ``"neighbour_st"``: the neighbour relaxation's gradient with the hard sample's forward value (the
+  displacement is straight-through: exactly 0 forward), so every rendered view is a proper sample of psi.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -48,9 +68,13 @@ __all__ = [
     "poses_from_values",
     "to_pose_sample",
     "is_circular",
+    "RELAXATIONS",
 ]
 
 FULL_TURN_DEG = 360.0
+
+#: the relaxations :func:`relaxed_pose_values` implements (module docstring)
+RELAXATIONS = ("soft", "straight_through", "neighbour", "neighbour_st")
 
 
 @dataclass
@@ -141,6 +165,7 @@ def relaxed_pose_values(
     space: PoseSpace,
     hard: bool = False,
     circular: Sequence[str] = ("azimuth",),
+    relaxation: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Relaxed pose values of the stored samples ``noise``, differentiable with respect to ``logits``.
 
@@ -150,8 +175,10 @@ def relaxed_pose_values(
         noise: the stored noise of ``n`` samples (:func:`draw_noise`).
         temperature: Gumbel-softmax temperature ``tau > 0``; lower is closer to hard sampling.
         space: the pose space the bins belong to.
-        hard: straight-through variant: forward value from the one-hot ``argmax`` bin, soft gradient.
+        hard: shorthand for ``relaxation="straight_through"``.
         circular: factors averaged on the circle when they span a full turn (module docstring).
+        relaxation: one of :data:`RELAXATIONS` (module docstring); default ``"soft"`` (or
+            ``"straight_through"`` with ``hard``).
 
     Returns:
         ``{factor: (n,)}`` values in the logits' dtype and device: azimuth and elevation in degrees,
@@ -159,6 +186,9 @@ def relaxed_pose_values(
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    relaxation = relaxation or ("straight_through" if hard else "soft")
+    if relaxation not in RELAXATIONS:
+        raise ValueError(f"unknown relaxation {relaxation!r}; choose one of {list(RELAXATIONS)}")
     out = {}
     for f in PoseSpace.FACTORS:
         if f not in logits:
@@ -173,11 +203,20 @@ def relaxed_pose_values(
         scores = (l.to(dtype) + g) / temperature  # (n, bins)
         w = torch.softmax(scores, dim=-1)
         idx = scores.detach().argmax(dim=-1)  # (n,)
-        if hard:
-            one_hot = torch.nn.functional.one_hot(idx, fac.bins).to(dtype)
-            w = one_hot + (w - w.detach())  # exactly one-hot forward, soft gradient
         centres = fac.centres().to(device=device, dtype=dtype)  # (bins,)
         offset = (j - 0.5) * fac.width
+        if relaxation in ("neighbour", "neighbour_st"):
+            shift = _neighbour_shift(scores, idx, fac.bins, is_circular(fac, circular)) * fac.width
+            if relaxation == "neighbour_st":
+                shift = shift - shift.detach()  # exactly the hard sample forward, the neighbour gradient back
+            value = centres[idx] + offset + shift
+            if is_circular(fac, circular):
+                value = fac.low + torch.remainder(value - fac.low, FULL_TURN_DEG)
+            out[f] = value
+            continue
+        if relaxation == "straight_through":
+            one_hot = torch.nn.functional.one_hot(idx, fac.bins).to(dtype)
+            w = one_hot + (w - w.detach())  # exactly one-hot forward, soft gradient
         if is_circular(fac, circular):
             ref = centres[idx]  # (n,)
             delta = torch.deg2rad(centres[None, :] - ref[:, None])  # (n, bins)
@@ -190,12 +229,37 @@ def relaxed_pose_values(
     return out
 
 
+def _neighbour_shift(scores: torch.Tensor, idx: torch.Tensor, bins: int, circular: bool) -> torch.Tensor:
+    """``(w_{k+1} - w_{k-1}) / (w_{k-1} + w_k + w_{k+1})`` per row, in bin widths, ``(n,)``.
+
+    Computed as a softmax over the three scores ``(l + g) / tau`` of bins ``k-1, k, k+1`` (the same ratio as
+    of the full softmax weights), so the other bins' logits get exactly zero gradient.
+
+    Args:
+        scores: ``(n, bins)`` Gumbel-softmax scores ``(l + g) / tau``.
+        idx: ``(n,)`` the Gumbel-max bin ``k`` of each row.
+        circular: neighbours wrap around (bin ``bins-1`` is next to bin 0); otherwise a neighbour past either
+            end has weight 0.
+    """
+    rows = torch.arange(len(idx), device=scores.device)
+    up, down = idx + 1, idx - 1
+    if circular:
+        s_up, s_down = scores[rows, up % bins], scores[rows, down % bins]
+    else:
+        never = torch.full((), -math.inf, dtype=scores.dtype, device=scores.device)
+        s_up = torch.where(up < bins, scores[rows, up.clamp(max=bins - 1)], never)
+        s_down = torch.where(down >= 0, scores[rows, down.clamp(min=0)], never)
+    w = torch.softmax(torch.stack([s_down, scores[rows, idx], s_up], dim=-1), dim=-1)  # (n, 3)
+    return w[:, 2] - w[:, 0]
+
+
 def relaxed_poses(
     dist: PoseDistribution,
     cls: str,
     noise: RelaxedSample,
     temperature: float,
     hard: bool = False,
+    relaxation: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Relaxed values and poses of class ``cls`` of a :class:`PoseDistribution` for stored noise.
 
@@ -203,7 +267,7 @@ def relaxed_poses(
         ``(values, c2w)``: ``{factor: (n,)}`` (degrees / world units) and ``(n, 4, 4)`` camera-to-world
         poses, both differentiable with respect to ``dist``'s learned logits of class ``cls``.
     """
-    values = relaxed_pose_values(dist.logits(cls), noise, temperature, dist.space, hard=hard)
+    values = relaxed_pose_values(dist.logits(cls), noise, temperature, dist.space, hard=hard, relaxation=relaxation)
     return values, poses_from_values(values)
 
 
