@@ -22,6 +22,7 @@ import torch
 
 from ..cameras import Intrinsics, get_rays
 from ..errors import InputError, InstsimError
+from ..io import atomic_path
 from ..transforms import Views
 from .checkpoint import compare_fields, read_checkpoint, save_checkpoint
 from .config import CONSTRUCTION_KEYS, NerfConfig, resolve_max_res
@@ -91,7 +92,8 @@ class _TsvLog:
                 header = next(reader, None)
                 if header == list(LOG_COLUMNS):
                     rows = [r for r in reader if r and r[0].isdigit() and int(r[0]) <= resume_step]
-        with self.path.open("w", newline="") as f:
+        # rewritten atomically: a kill during the rewrite must not lose the rows before the resumed step
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
             w = csv.writer(f, delimiter="\t", lineterminator="\n")
             w.writerow(LOG_COLUMNS)
             w.writerows(rows)
