@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io import save_torch
-from ..errors import ConfigError, InputError, InstsimError
+from ..errors import ConfigError, InputError, InstsimError, describe_exception
 from .config import DetectorConfig, steps_per_epoch
 from .decode import as_float_images
 from .loss import compute_loss
@@ -156,7 +156,8 @@ def _read_checkpoint(path: Path) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (corrupt/truncated/foreign file)
-        raise InputError(path, None, f"cannot read detector checkpoint: {e}") from None
+        raise InputError(path, None, f"detector checkpoint is truncated or corrupt ({describe_exception(e)}); "
+                         "delete it and train again") from None
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise InputError(path, "format", f"not an instsim detector checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     for key in ("config", "model"):

@@ -46,7 +46,7 @@ import torch
 
 from ..backgrounds import boxes_from_alpha, random_backgrounds
 from ..cameras import Intrinsics, PoseSpace
-from ..errors import ConfigError, InputError, InstsimError
+from ..errors import ConfigError, InputError, InstsimError, describe_exception
 from ..io import save_torch
 from .distribution import PoseDistribution
 from .implicit import implicit_image_grad, inverse_hvp, make_hvp
@@ -649,11 +649,22 @@ def _fingerprint(val: ValSet, classes: Sequence[str], space: PoseSpace, target_p
     return h.hexdigest()
 
 
+def _describe_difference(saved: Any, want: Any) -> str:
+    """``saved`` vs ``want`` for a message: for two dicts only the keys that differ (``iterations: 5 vs 3``),
+    since a whole config dict hides the one value the user has to look for."""
+    if isinstance(saved, Mapping) and isinstance(want, Mapping):
+        keys = sorted(set(saved) | set(want), key=str)
+        diffs = [f"{k}: {saved.get(k)!r} vs {want.get(k)!r}" for k in keys if saved.get(k) != want.get(k)]
+        return "checkpoint vs this run: " + "; ".join(diffs)
+    return f"checkpoint {saved!r} vs this run {want!r}"
+
+
 def _read_checkpoint(path: Path) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (corrupt / truncated / foreign file)
-        raise InputError(path, None, f"cannot read the Neural-Sim resume checkpoint: {e}; delete it to start over") from None
+        raise InputError(path, None, f"Neural-Sim resume checkpoint is truncated or corrupt ({describe_exception(e)}); "
+                         "delete it to start over") from None
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise InputError(path, "format", f"not a Neural-Sim resume checkpoint (expected {CHECKPOINT_FORMAT!r}); delete it")
     return ck
@@ -776,8 +787,8 @@ def optimize_distribution(
         ck = _read_checkpoint(ckpt)
         for key, want in identity.items():
             if ck.get(key) != want:
-                raise ConfigError(ckpt, key, f"the resume checkpoint was made with another {key} ({ck.get(key)!r} vs "
-                                  f"{want!r}); delete it to start over")
+                raise ConfigError(ckpt, key, f"the resume checkpoint was made with another {key} "
+                                  f"({_describe_difference(ck.get(key), want)}); delete it to start over")
         dist.load_state_dict(ck["psi"])
         adam.load_state_dict(ck["psi_optimizer"])
         detector = build_detector(detector_cfg)
