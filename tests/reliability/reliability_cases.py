@@ -166,20 +166,22 @@ def _one_step_nerf(path: Path, **settings) -> None:
                progress=False)
 
 
-def _train_nerf_job(tmp: Path) -> FakeSnakemake:
+def train_nerf_job(tmp: Path, **overrides) -> FakeSnakemake:
+    """A ``train_nerf`` job on the BlenderNeRF fixture under ``tmp/results`` (NeRF overrides: default 4 steps)."""
     nerf = tmp / "results" / "nerf" / "shapes"
+    overrides = {"steps": 4, "checkpoint_every": 2, **overrides}
     return stage_job(
         "train_nerf", tmp / "results",
         input={"transforms": BLENDERNERF_TINY / "transforms_train.json", "intrinsics": _intrinsics(tmp)},
         output={"checkpoint": nerf / "checkpoint.pt", "train_log": nerf / "train_log.tsv"},
-        params={"nerf": {"preset": "cpu", "overrides": {"steps": 4, "checkpoint_every": 2}, "device": "cpu", "seed": 0},
+        params={"nerf": {"preset": "cpu", "overrides": overrides, "device": "cpu", "seed": 0},
                 "resume": nerf / "resume" / "state.pt"},
         wildcards={"cls": "shapes"},
     )
 
 
 def _nerf_resume_other_config(tmp: Path) -> Outcome:
-    sm = _train_nerf_job(tmp)
+    sm = train_nerf_job(tmp)
     _one_step_nerf(Path(sm.params.resume), log2_table=12, steps=4)
     return _run_job("train_nerf", sm)
 
