@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+if __name__ == "__main__":  # run as a script: the checkout, tests/ and this folder, as pytest sets them up
+    sys.path[:0] = [str(Path(__file__).resolve().parents[i]) for i in (2, 1, 0)]
 
 from conftest import BLENDERNERF_TINY
 from reliability_stage import FakeSnakemake, Named, run_stage_script, stage_job
