@@ -7,7 +7,10 @@ step adapts so a step evaluates about ``batch_samples`` network samples (Instant
 early steps march through fog and are expensive per ray, later ones are cheap.
 
 Training resumes from its checkpoint: if the checkpoint (or ``resume_path``) exists, the model, optimizer,
-occupancy grid, step and random state are restored and training continues to ``cfg.steps``.
+occupancy grid, step, random state and the running samples-per-ray estimate (which sets the batch size) are
+restored and training continues to ``cfg.steps``, ending with the same weights, bit for bit on the same CPU
+and thread count, as an uninterrupted run. A non-finite loss stops training, and a checkpoint is never
+written from non-finite weights, so the last checkpoint on disk is always a good one.
 """
 
 from __future__ import annotations

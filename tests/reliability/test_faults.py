@@ -56,7 +56,7 @@ def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], out: Path, tim
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"the job never reached the kill point:\n{out.read_text()[-3000:]}")
-        time.sleep(0.01)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
 
@@ -107,7 +107,8 @@ def test_fault_nerf_sigkill_resume(tmp_path):
 
     # kill it between the first and the second checkpoint
     proc, out = _start("nerf", run_dir)
-    _kill_when(proc, lambda: _checkpoint_step(state, "step") >= every and _tsv_last_step(log_tsv) >= every + 10, out)
+    # the cheap log check first: loading the checkpoint at every poll would slow the job it watches
+    _kill_when(proc, lambda: _tsv_last_step(log_tsv) >= every + 10 and _checkpoint_step(state, "step") >= every, out)
     reached, saved = _tsv_last_step(log_tsv), _checkpoint_step(state, "step")
     assert saved >= every and 0 <= reached - saved <= every, (reached, saved)
     assert not any(Path(p).exists() for p in sm.output), "a killed train_nerf left an output that looks finished"
@@ -133,7 +134,7 @@ def test_fault_detector_sigkill_resume(tmp_path):
     every = worker.DETECTOR["checkpoint_every"]
     proc, out = _start("detector", tmp_path)
     printed = lambda: _last_number(out.read_text().splitlines(), "step ")  # noqa: E731
-    _kill_when(proc, lambda: _checkpoint_step(tmp_path / "state.pt", "step") >= 2 * every and printed() >= 2 * every + 5, out)
+    _kill_when(proc, lambda: printed() >= 2 * every + 5 and _checkpoint_step(tmp_path / "state.pt", "step") >= 2 * every, out)
     reached, saved = printed(), _checkpoint_step(tmp_path / "state.pt", "step")
     assert saved >= 2 * every and 0 <= reached - saved <= every, (reached, saved)
     assert not (tmp_path / "model.pt").exists()
@@ -152,7 +153,7 @@ def test_fault_neuralsim_sigkill_resume(tmp_path):
     proc, out = _start("neuralsim", tmp_path / "killed")
     printed = lambda: _last_number(out.read_text().splitlines(), "iteration ")  # noqa: E731
     state = tmp_path / "killed" / "state.pt"
-    _kill_when(proc, lambda: _checkpoint_step(state, "iteration") >= every and printed() >= every + 1, out)
+    _kill_when(proc, lambda: printed() >= every + 1 and _checkpoint_step(state, "iteration") >= every, out)
     reached, saved = printed(), _checkpoint_step(state, "iteration")
     assert saved >= every and 0 <= reached - saved <= every, (reached, saved)
     assert not (tmp_path / "killed" / "psi.pt").exists()
