@@ -382,8 +382,9 @@ def _resume_of_other_settings(distribution: Path, resume: Path) -> None:
 
 def _truncated_resume(distribution: Path, resume: Path) -> None:
     from instsim.io import save_torch
+    from instsim.neuralsim.loop import CHECKPOINT_FORMAT
 
-    save_torch({"format": "instsim-neuralsim-v1", "rows": [0.0] * 1000}, resume)
+    save_torch({"format": CHECKPOINT_FORMAT, "rows": [0.0] * 1000}, resume)
     resume.write_bytes(resume.read_bytes()[:300])
 
 
@@ -413,10 +414,6 @@ def _snakemake_folder_json_truncated(tmp: Path) -> Outcome:
                          "results/data/shapes/intrinsics.json", timeout=300)
     outputs = [data / f"transforms_{s}.json" for s in SPLITS] + [data / s for s in SPLITS] + [data / "intrinsics.json"]
     return Outcome(proc.returncode, proc.stdout + proc.stderr, outputs)
-
-
-def _set_cfg(path: tuple, value) -> Callable[[dict], None]:
-    return _set(path, value)
 
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -499,22 +496,22 @@ CASES: list[Case] = [
     # -- the config (Snakemake validates it before planning any job)
     Case("config-wrong-type", "`dataset.radius: far` (a string)", "config (snakemake)", "snakemake",
          ("test_config.yaml", "dataset.radius", "'far' is not of type 'number'"),
-         _snakemake_config(_set_cfg(("dataset", "radius"), "far"))),
+         _snakemake_config(_set(("dataset", "radius"), "far"))),
     Case("config-out-of-range", "`target.max_shift: 0.9` (maximum 0.4)", "config (snakemake)", "snakemake",
          ("test_config.yaml", "target.max_shift", "0.9 is greater than the maximum of 0.4"),
-         _snakemake_config(_set_cfg(("target", "max_shift"), 0.9))),
+         _snakemake_config(_set(("target", "max_shift"), 0.9))),
     Case("config-unknown-gesture", "a procedural class with gesture `wave`", "config (snakemake)", "snakemake",
          ("test_config.yaml", "classes.fist.gesture", "'wave' is not one of"),
-         _snakemake_config(_set_cfg(("classes", "fist", "gesture"), "wave"))),
+         _snakemake_config(_set(("classes", "fist", "gesture"), "wave"))),
     Case("config-unknown-source", "a class with source `teapot`", "config (snakemake)", "snakemake",
          ("test_config.yaml", "classes.cup", "teapot"),
-         _snakemake_config(_set_cfg(("classes", "cup"), {"source": "teapot"}))),
+         _snakemake_config(_set(("classes", "cup"), {"source": "teapot"}))),
     Case("config-folder-missing", "a folder class whose path does not exist", "config (snakemake)", "snakemake",
          ("test_config.yaml", "classes.mug.path", "/nonexistent/mug"),
-         _snakemake_config(_set_cfg(("classes", "mug"), {"source": "folder", "path": "/nonexistent/mug"}))),
+         _snakemake_config(_set(("classes", "mug"), {"source": "folder", "path": "/nonexistent/mug"}))),
     Case("config-probabilities-sum", "target azimuth probabilities summing to 1.5", "config (snakemake)", "snakemake",
          ("test_config.yaml", "target.distribution.azimuth", "sum to 1.5"),
-         _snakemake_config(_set_cfg(("target", "distribution", "azimuth"), [0.1, 0.1, 0.1, 0.1, 0.3, 0.4, 0.2, 0.2]))),
+         _snakemake_config(_set(("target", "distribution", "azimuth"), [0.1, 0.1, 0.1, 0.1, 0.3, 0.4, 0.2, 0.2]))),
     Case("workflow-folder-json-truncated", "a folder class's transforms_train.json truncated, run by Snakemake",
          "generate_dataset (snakemake)", "snakemake", ("transforms_train.json", "not valid JSON"),
          _snakemake_folder_json_truncated),
