@@ -182,6 +182,9 @@ def main(argv=None) -> int:
             point["samples_per_ray"] = float(r.get("samples_per_ray", "nan"))
             point["occupied_fraction"] = float(r.get("occupied_fraction", "nan"))
         reach = next((p for p in curve if p["test_psnr"] >= TARGET_PSNR), None)
+        reach_at = {
+            str(level): next((p["train_time_s"] for p in curve if p["test_psnr"] >= level), None) for level in (30.0, 33.0)
+        }
         t0 = time.perf_counter()
         val = validate_checkpoint(ckpt, test, background="white", min_psnr=TARGET_PSNR, device=device)
         render_s = (time.perf_counter() - t0) / max(1, len(test.poses))
@@ -194,7 +197,9 @@ def main(argv=None) -> int:
             "passed_33db": val["passed"],
             "time_to_33db_s": reach["train_time_s"] if reach else None,
             "steps_to_33db": reach["step"] if reach else None,
+            "time_to_psnr_s": reach_at,
             "rays_per_s": summary["rays_per_s"],
+            "iterations_per_s": summary["steps_run"] / max(summary["train_time_s"], 1e-9),
             "samples_per_ray": summary["samples_per_ray"],
             "occupied_fraction": summary["occupied_fraction"],
             "render_s_per_view": render_s,
@@ -217,6 +222,7 @@ def main(argv=None) -> int:
         "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "threads": torch.get_num_threads(),
         "preset": preset,
+        "backend": cfg.backend if device.type == "cuda" else "torch",
         "config": cfg.to_dict(),
         "data": [str(p) for p in args.data] if args.data else {"procedural": args.gestures, "size": args.size, "views": args.views},
         "target_psnr_white": TARGET_PSNR,

@@ -45,7 +45,13 @@ def dataset_intrinsics(ds_cfg: Mapping[str, Any]) -> Intrinsics:
 
 
 def generate_procedural(
-    gesture: str, out_dir: str | Path, ds_cfg: Mapping[str, Any], seed: int, batch: int = 8, progress: bool = True
+    gesture: str,
+    out_dir: str | Path,
+    ds_cfg: Mapping[str, Any],
+    seed: int,
+    batch: int = 8,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> dict[str, int]:
     """Render train/val/test views of a procedural hand and write them in BlenderNeRF format.
 
@@ -54,12 +60,14 @@ def generate_procedural(
         out_dir: the class's data folder.
         ds_cfg: the config's ``dataset`` section.
         seed: the run's seed; each split gets its own camera set derived from it and the gesture.
+        device: where the scene is ray-traced (the cameras are drawn on the CPU either way; a GPU's images
+            can differ from the CPU's in the last bit, so byte-identical datasets need the same device).
 
     Returns the number of views per split.
     """
     from .scene import make_hand, render_scene  # the scene package pulls in the renderer only when needed
 
-    scene = make_hand(gesture)
+    scene = make_hand(gesture).to(device)
     intr = dataset_intrinsics(ds_cfg)
     out_dir = Path(out_dir)
     counts = {}
@@ -74,7 +82,7 @@ def generate_procedural(
                 rgba = render_scene(scene, poses[start : start + batch], intr, supersample=int(ds_cfg["supersample"]))
                 for k, image in enumerate(rgba):
                     name = f"{start + k + 1:04d}.png"
-                    write_png(tmp / name, image.numpy())
+                    write_png(tmp / name, image.cpu().numpy())
                     frames.append((f"{split}/{name}", poses[start + k]))
                 bar.update(len(rgba))
             bar.close()

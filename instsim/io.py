@@ -17,9 +17,9 @@ from typing import Any, Iterator
 import imageio.v3 as iio
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, describe_exception
 
-__all__ = ["atomic_path", "atomic_dir", "write_json", "read_json", "write_png", "read_image", "to_uint8"]
+__all__ = ["atomic_path", "atomic_dir", "write_json", "read_json", "write_png", "read_image", "to_uint8", "save_torch", "load_torch"]
 
 
 @contextlib.contextmanager
@@ -133,3 +133,21 @@ def save_torch(obj: Any, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def load_torch(path: str | Path, fmt: str, what: str, hint: str = "") -> dict:
+    """A dict written by :func:`save_torch` whose ``"format"`` entry is ``fmt``, loaded on the CPU.
+
+    A file that cannot be read (corrupt, truncated, not torch) or holds something else raises
+    :class:`InputError` naming the file; ``what`` says what was expected ("a detector checkpoint") and
+    ``hint`` is added to the message (e.g. "; delete it to start over")."""
+    import torch
+
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (corrupt / truncated / foreign file)
+        # the file is there but torch cannot unpickle it: a write that never finished or another kind of file
+        raise InputError(path, None, f"cannot read {what}: truncated or corrupt ({describe_exception(e)}){hint}") from None
+    if not isinstance(ck, dict) or ck.get("format") != fmt:
+        raise InputError(path, "format", f"not {what} (expected format {fmt!r}){hint}")
+    return ck

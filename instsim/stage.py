@@ -2,11 +2,13 @@
 
 Workflow scripts are thin: they call :func:`run_stage` with a function of the ``snakemake`` object. A
 user-fixable problem (:class:`~instsim.errors.InstsimError`) becomes one clear line in the log and on
-stderr and a non-zero exit, instead of a traceback.
+stderr and a non-zero exit, instead of a traceback. A stage whose rule asks for a ``gpu`` resource first
+claims a GPU of its own (:func:`instsim.gpus.claim_gpu`), so parallel GPU jobs on one host never share one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -14,8 +16,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import InstsimError
+from .gpus import claim_gpu
 
-__all__ = ["run_stage", "setup_logging"]
+__all__ = ["run_stage", "setup_logging", "asks_for_gpu"]
 
 log = logging.getLogger("instsim")
 
@@ -36,15 +39,23 @@ def setup_logging(log_path: str | Path | None, level: int = logging.INFO) -> Non
     root.propagate = False
 
 
+def asks_for_gpu(snakemake: Any) -> bool:
+    """Whether the job's rule asked the scheduler for a GPU (its ``gpu`` resource is 1 or more)."""
+    return int(getattr(snakemake.resources, "gpu", 0) or 0) > 0
+
+
 def run_stage(snakemake: Any, body: Callable[[Any], None]) -> None:
-    """Run ``body(snakemake)`` with logging set up on ``snakemake.log[0]``; exit 1 on :class:`InstsimError`."""
+    """Run ``body(snakemake)`` with logging set up on ``snakemake.log[0]``; exit 1 on :class:`InstsimError`.
+
+    A job with a ``gpu`` resource runs ``body`` holding a GPU of its own (see :mod:`instsim.gpus`)."""
     log_path = snakemake.log[0] if len(snakemake.log) else None
     setup_logging(log_path)
     name = getattr(snakemake, "rule", "stage")
     start = time.perf_counter()
     log.info("%s: started (wildcards %s)", name, dict(snakemake.wildcards.items()))
     try:
-        body(snakemake)
+        with claim_gpu() if asks_for_gpu(snakemake) else contextlib.nullcontext():
+            body(snakemake)
     except InstsimError as e:
         log.error("%s failed: %s", name, e)
         sys.exit(1)

@@ -42,11 +42,13 @@ def coco_categories(class_names: list[str]) -> list[dict]:
     return [{"id": i + 1, "name": name, "supercategory": "object"} for i, name in enumerate(sorted(class_names))]
 
 
-def _procedural_renderer(gesture: str, supersample: int) -> Callable[[torch.Tensor, Intrinsics], torch.Tensor]:
+def _procedural_renderer(
+    gesture: str, supersample: int, device: str | torch.device = "cpu"
+) -> Callable[[torch.Tensor, Intrinsics], torch.Tensor]:
     from .scene import make_hand, render_scene
 
-    scene = make_hand(gesture)
-    return lambda c2w, intr: render_scene(scene, c2w[None], intr, supersample=supersample)[0]
+    scene = make_hand(gesture).to(device)
+    return lambda c2w, intr: render_scene(scene, c2w[None], intr, supersample=supersample)[0].cpu()
 
 
 class _FolderViews:
@@ -111,8 +113,10 @@ def render_target(
     annotations_path: str | Path,
     distribution_path: str | Path,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> dict[str, int]:
-    """Render the ``split`` (``val`` or ``test``) of the target domain.
+    """Render the ``split`` (``val`` or ``test``) of the target domain (procedural classes are ray-traced on
+    ``device``; poses, shifts and backgrounds are drawn on the CPU).
 
     Writes ``images_dir/NNNNN.png`` (RGB), the COCO ``annotations_path`` and ``distribution_path`` (the
     target pose distribution, read by the oracle baseline). Returns the number of images per class.
@@ -134,7 +138,7 @@ def render_target(
     for name in names:
         cfg = classes[name]
         if cfg["source"] == "procedural":
-            renderers[name] = _procedural_renderer(cfg["gesture"], supersample)
+            renderers[name] = _procedural_renderer(cfg["gesture"], supersample, device)
         else:
             renderers[name] = _FolderViews(Path(cfg["path"]).expanduser(), space, probs, size)
 

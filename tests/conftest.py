@@ -1,4 +1,5 @@
-"""Shared fixtures: paths of the repo and its small data, and copies of the BlenderNeRF fixture."""
+"""Shared fixtures: paths of the repo and its small data, copies of the BlenderNeRF fixture, and the one local
+run of the tiny workflow that every test module reading a finished run shares."""
 
 import shutil
 from pathlib import Path
@@ -20,3 +21,15 @@ def blendernerf_copy(tmp_path: Path) -> Path:
     dst = tmp_path / "blendernerf_tiny"
     shutil.copytree(BLENDERNERF_TINY, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished local run of configs/tiny.yaml (its working directory), made once per pytest session and
+    read by several test modules: do not change it (copy it first, as tests/test_rerun.py does)."""
+    from workflow_utils import run_snakemake  # imported here: workflow_utils imports this module
+
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    proc = run_snakemake(workdir, None, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return workdir

@@ -2,28 +2,15 @@
 depend on their files (found from the workflow's job graph, not from Snakemake's rerun decision); every other
 file under results/ keeps its modification time."""
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from workflow_utils import run_snakemake, tiny_config
+from workflow_utils import run_snakemake, slurm_helpers, tiny_config
 
 
-def _load(name: str):
-    """tests/slurm/<name>.py as a module, loaded once per session (tests/slurm is not a package)."""
-    full = f"instsim_tests_slurm_{name}"
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, REPO / "tests" / "slurm" / f"{name}.py")
-        sys.modules[full] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[full]
-
-
-runs = _load("runs")
+runs = slurm_helpers("runs")
 
 pytestmark = pytest.mark.workflow
 
@@ -31,11 +18,10 @@ STAGE = "render_target"
 
 
 @pytest.fixture(scope="module")
-def finished_run(request, tmp_path_factory) -> Path:
-    """A copy (modification times kept) of a finished local tiny run, free to change."""
-    src = runs.shared_tiny_run(request, tmp_path_factory)
+def finished_run(tiny_run, tmp_path_factory) -> Path:
+    """A copy (modification times kept) of the session's finished local tiny run, free to change."""
     dst = tmp_path_factory.mktemp("rerun") / "run"
-    shutil.copytree(src, dst, symlinks=True)
+    shutil.copytree(tiny_run, dst, symlinks=True)
     return dst
 
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from workflow_utils import tiny_config
+from workflow_utils import slurm_helpers, tiny_config
 
 pytestmark = pytest.mark.workflow
 
@@ -31,18 +31,8 @@ TEST_PROFILE = REPO / "tests" / "slurm" / "profile"  # test-cluster overrides, l
 RUN_TIMEOUT_S = 3600  # a hang guard only; `timeout -k 10` because Snakemake ignores SIGTERM while jobs run
 
 
-def _load(name: str):
-    """tests/slurm/<name>.py as a module, loaded once per session (tests/slurm is not a package)."""
-    full = f"instsim_tests_slurm_{name}"
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, REPO / "tests" / "slurm" / f"{name}.py")
-        sys.modules[full] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[full]
-
-
-slurm = _load("cluster")
-runs = _load("runs")
+slurm = slurm_helpers("cluster")
+runs = slurm_helpers("runs")
 
 
 def _need_slurm():
@@ -157,10 +147,9 @@ def test_every_stage_ran_as_a_slurm_job(slurm_run, cluster):
         assert list((slurm_run.workdir / ".snakemake" / "slurm_logs" / f"rule_{rule}").rglob(f"{j['JobId']}.log"))
 
 
-def test_slurm_results_match_a_local_run(slurm_run, cluster, request, tmp_path_factory):
+def test_slurm_results_match_a_local_run(slurm_run, cluster, tiny_run):
     assert slurm_run.proc.returncode == 0, _failure_report(slurm_run, cluster)
-    local = runs.shared_tiny_run(request, tmp_path_factory)
-    diffs, compared = runs.compare_results(local, slurm_run.workdir)
+    diffs, compared = runs.compare_results(tiny_run, slurm_run.workdir)
     assert not diffs, "\n".join(diffs[:50])
     for must in ("results/data/fist/transforms_train.json", "results/data/fist/intrinsics.json",
                  "results/target/test/annotations.json"):

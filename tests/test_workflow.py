@@ -1,26 +1,26 @@
 """The workflow end to end on configs/tiny.yaml, run in a scratch folder, plus bad-config handling."""
 
 import json
-from pathlib import Path
 
 import imageio.v3 as iio
 import pytest
 
 from conftest import BLENDERNERF_TINY
 from instsim.transforms import read_transforms
-from workflow_utils import run_snakemake, tiny_config
+from workflow_utils import run_snakemake, slurm_helpers, tiny_config
 
 pytestmark = pytest.mark.workflow
+
+runs = slurm_helpers("runs")
+
+# The rules that ask for a GPU when the run uses CUDA (workflow/rules/common.smk: gpu_resources()).
+GPU_RULES = {"train_nerf", "validate_checkpoint", "train_detector", "optimize_distribution",
+             "optimize_distribution_control"}
 
 CLASSES = ["fist", "yeah", "palm"]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    proc = run_snakemake(workdir)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return workdir
+# `tiny_run` (a finished run of the tiny config, shared with other modules) comes from conftest.py.
 
 
 def test_datasets_in_blendernerf_format(tiny_run):
@@ -104,6 +104,7 @@ def test_folder_class_imports_blendernerf(tmp_path):
         ({"nerf": {**tiny_config()["nerf"], "preset": "huge"}}, "nerf.preset: 'huge' is not one of"),
         ({"detector": {"images_per_class": 4, "settings": {"depth": 3}}}, "detector.depth"),
         ({"strategies": ["uniform", "random"]}, "strategies.1: 'random' is not one of"),
+        ({"gpu_model": "a100 80gb"}, "gpu_model: 'a100 80gb' does not match"),
     ],
 )
 def test_bad_config_fails_clearly_without_outputs(tmp_path, override, expected):
@@ -111,6 +112,27 @@ def test_bad_config_fails_clearly_without_outputs(tmp_path, override, expected):
     assert proc.returncode != 0
     assert expected in proc.stderr + proc.stdout, (proc.stderr + proc.stdout)[-3000:]
     assert not (tmp_path / "results" / "data").exists()
+
+
+@pytest.mark.parametrize(
+    "device, gpu_model, gpu, model",
+    [("cuda", "h100", "1", "h100"), ("cuda", None, "1", None), ("cpu", "h100", "0", None)],
+    ids=["cuda-with-model", "cuda-no-model", "cpu-ignores-model"],
+)
+def test_gpu_stages_ask_for_the_configured_gpu_model(tmp_path, device, gpu_model, gpu, model):
+    """Every GPU stage asks for `gpu` (1 with CUDA) and for `gpu_model` only when the config names one and a
+    GPU is asked for; no other stage asks for either. Read from the resources a dry run prints."""
+    overrides = {"device": device, **({"gpu_model": gpu_model} if gpu_model else {})}
+    proc = run_snakemake(tmp_path, tiny_config(**overrides), "--dry-run", "--forceall")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    jobs = runs.parse_jobs(proc.stdout + "\n" + proc.stderr)
+    assert GPU_RULES <= {j.rule for j in jobs}
+    for job in jobs:
+        resources = dict(kv.split("=", 1) for kv in job.resources.split(", ") if kv)
+        if job.rule in GPU_RULES:
+            assert resources.get("gpu") == gpu and resources.get("gpu_model") == model, (job.rule, resources)
+        else:
+            assert "gpu" not in resources and "gpu_model" not in resources, (job.rule, resources)
 
 
 def test_bad_folder_dataset_fails_the_rule_clearly(tmp_path, blendernerf_copy):

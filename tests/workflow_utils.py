@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import subprocess
 import sys
@@ -40,3 +41,13 @@ def repo_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     return env
+    
+
+def slurm_helpers(name: str):
+    """tests/slurm/<name>.py as a module, loaded once per session (tests/slurm is not a package)."""
+    full = f"instsim_tests_slurm_{name}"
+    if full not in sys.modules:
+        spec = importlib.util.spec_from_file_location(full, REPO / "tests" / "slurm" / f"{name}.py")
+        sys.modules[full] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[full]

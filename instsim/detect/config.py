@@ -7,11 +7,11 @@ weights is here, so a checkpoint's config tells how it was made.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..config_fields import FieldChecks
 from ..errors import ConfigError
 
 __all__ = ["DetectorConfig"]
@@ -91,32 +91,22 @@ class DetectorConfig:
     def validate(self, source: str | Path | None = None) -> None:
         """Raise :class:`ConfigError` naming the field for any impossible value."""
 
-        def bad(field: str, msg: str) -> None:
-            raise ConfigError(source, f"detector.{field}", msg)
-
-        for name in ("image_size", "num_classes", "width", "head_width", "batch_size", "max_detections", "checkpoint_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                bad(name, f"must be a positive integer, got {v!r}")
+        check = FieldChecks("detector", source)
+        bad = check.fail
+        check.ints(self, ("image_size", "num_classes", "width", "head_width", "batch_size", "max_detections",
+                          "checkpoint_every"), 1)
         if self.stride not in (2, 4, 8):
             bad("stride", f"must be 2, 4 or 8 pixels, got {self.stride!r}")
         if self.image_size % self.stride:
             bad("image_size", f"must be divisible by the stride {self.stride}, got {self.image_size}")
         if not self.dilations or any(d < 1 for d in self.dilations):
             bad("dilations", f"must be a non-empty list of positive integers, got {list(self.dilations)}")
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
-            bad("steps", f"must be null or a positive integer, got {self.steps!r}")
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            bad("epochs", f"must be a positive integer, got {self.epochs!r}")
-        for name in ("warmup_steps", "aug_shift", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                bad(name, f"must be an integer >= 0, got {v!r}")
-        for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip", "aug_color", "aug_noise", "focal_alpha",
-                     "focal_beta", "size_weight", "offset_weight", "score_threshold", "nms_iou"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                bad(name, f"must be a finite number >= 0, got {v!r}")
+        check.ints(self, ("steps",), 1, optional=True)
+        check.ints(self, ("epochs",), 1)
+        check.ints(self, ("warmup_steps", "aug_shift", "seed"), 0)
+        check.numbers(self, ("lr", "weight_decay", "min_lr_ratio", "grad_clip", "aug_color", "aug_noise",
+                             "focal_alpha", "focal_beta", "size_weight", "offset_weight", "score_threshold",
+                             "nms_iou"), 0)
         if self.lr <= 0:
             bad("lr", f"must be > 0, got {self.lr}")
         if not 0 < self.min_overlap < 1:
@@ -134,13 +124,7 @@ class DetectorConfig:
     def from_dict(cls, d: Mapping[str, Any], source: str | Path | None = None) -> "DetectorConfig":
         """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError` (catches typos), missing keys
         take their defaults."""
-        if not isinstance(d, Mapping):
-            raise ConfigError(source, "detector", f"must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ConfigError(source, f"detector.{key}", f"unknown detector option (known: {', '.join(sorted(known))})")
-        kwargs = dict(d)
+        kwargs = FieldChecks("detector", source).known_keys(d, (f.name for f in fields(cls)), "detector option")
         if "dilations" in kwargs:
             dil = kwargs["dilations"]
             if not isinstance(dil, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) for x in dil):

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io import save_torch
-from ..errors import ConfigError, InputError, InstsimError, describe_exception
+from ..io import load_torch, save_torch
+from ..errors import ConfigError, InputError, InstsimError
 from .config import DetectorConfig, steps_per_epoch
 from .decode import as_float_images
 from .loss import compute_loss
@@ -153,13 +153,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _read_checkpoint(path: Path) -> dict:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (corrupt/truncated/foreign file)
-        raise InputError(path, None, f"detector checkpoint is truncated or corrupt ({describe_exception(e)}); "
-                         "delete it and train again") from None
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(path, "format", f"not an instsim detector checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    ck = load_torch(path, CHECKPOINT_FORMAT, "an instsim detector checkpoint")
     for key in ("config", "model"):
         if key not in ck:
             raise InputError(path, key, "missing from the detector checkpoint")

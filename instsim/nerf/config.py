@@ -81,6 +81,9 @@ class NerfConfig:
         checkpoint_every, log_every: steps between periodic checkpoints / ``train_log.tsv`` rows.
         seed; device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; mixed_precision: bf16 autocast of the
         MLPs (CUDA only); threads: torch CPU threads (0 = torch's default).
+        backend: ``"auto"``, ``"cuda"`` or ``"torch"``: the CUDA kernels or the PyTorch path on a GPU (see
+        :mod:`instsim.backend`; the CPU always uses the PyTorch path). Not part of the model: a checkpoint
+        trained with one loads into the other.
     """
 
     # encoding
@@ -120,6 +123,7 @@ class NerfConfig:
     device: str = "auto"
     mixed_precision: bool = True
     threads: int = 0
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -254,6 +258,8 @@ class NerfConfig:
             bad("device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if not isinstance(self.mixed_precision, bool):
             bad("mixed_precision", "must be true or false")
+        if self.backend not in ("auto", "cuda", "torch"):
+            bad("backend", "must be 'auto', 'cuda' or 'torch'")
 
     @property
     def march_dt(self) -> float:

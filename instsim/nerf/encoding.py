@@ -21,6 +21,8 @@ import math
 import torch
 from torch import nn
 
+from ..backend import uses_cuda
+
 __all__ = ["HashEncoding", "level_resolutions", "sh_encode", "SH_DIM", "HASH_PRIMES"]
 
 #: tcnn / Instant-NGP primes; the first is 1 for cache coherence along x.
@@ -148,6 +150,12 @@ class HashEncoding(nn.Module):
         self.register_buffer(
             "hash_offsets", torch.tensor(self.offsets[self.n_dense : n_levels], dtype=torch.int64), persistent=False
         )
+        # per-level tables of the CUDA kernels (instsim.nerf.cuda_ops.hash_encode)
+        self.register_buffer("level_res", torch.tensor(self.resolutions, dtype=torch.int32), persistent=False)
+        self.register_buffer("level_offsets", torch.tensor(self.offsets[:n_levels], dtype=torch.int64), persistent=False)
+        self.register_buffer("level_dense", torch.tensor(dense, dtype=torch.uint8), persistent=False)
+        #: ``nerf.backend`` (set by the model): on a GPU, ``auto``/``cuda`` run the CUDA kernel
+        self.backend = "torch"
 
     @property
     def out_dim(self) -> int:
@@ -189,6 +197,10 @@ class HashEncoding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(N, 3)`` in ``[0, 1]`` -> ``(N, L * F)`` in the table's dtype, ordered level-major
         (level ``l``'s features at columns ``l * F : (l + 1) * F``)."""
+        if uses_cuda(self.backend, self.table.device):
+            from .cuda_ops import hash_encode
+
+            return hash_encode(self, x)
         x = x.to(self.table.dtype).clamp(0.0, 1.0)
         idx, frac = self.corners(x)
         out = _HashInterp.apply(self.table, idx, frac)  # (F, L, N)

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..backend import uses_cuda
 from .config import NerfConfig
 from .encoding import SH_DIM, HashEncoding, sh_encode
 from .normalization import SceneNormalization
@@ -72,10 +73,17 @@ class InstantNerf(nn.Module):
         self.cfg = cfg
         self.normalization = normalization
         self.encoding = HashEncoding(cfg.n_levels, cfg.n_features, cfg.log2_table, cfg.base_res, int(cfg.max_res))
+        self.encoding.backend = cfg.backend
         # the density logit is the first output; all 1 + geo_feat_dim outputs feed the colour MLP
         self.density_net = mlp(self.encoding.out_dim, cfg.hidden_dim, cfg.density_layers, 1 + cfg.geo_feat_dim)
         self.color_net = mlp(SH_DIM + 1 + cfg.geo_feat_dim, cfg.hidden_dim, cfg.color_layers, 3)
         self.occupancy = OccupancyGrid(cfg.grid_res)
+
+    @property
+    def uses_cuda_kernels(self) -> bool:
+        """Whether this model runs the CUDA kernels (``cfg.backend`` and where the model is, see
+        :mod:`instsim.backend`)."""
+        return uses_cuda(self.cfg.backend, self.encoding.table.device)
 
     @property
     def autocast_enabled(self) -> bool:
@@ -96,8 +104,14 @@ class InstantNerf(nn.Module):
 
     def color(self, d: torch.Tensor, geo: torch.Tensor) -> torch.Tensor:
         """RGB ``(N, 3)`` in [0, 1] from unit directions ``d`` ``(N, 3)`` and geometry features."""
+        if self.uses_cuda_kernels:
+            from .cuda_ops import sh_encode as sh_encode_cuda
+
+            sh = sh_encode_cuda(d.to(geo.dtype))
+        else:
+            sh = sh_encode(d)
         with self._autocast():
-            rgb = self.color_net(torch.cat([sh_encode(d), geo], dim=-1))
+            rgb = self.color_net(torch.cat([sh.to(geo.dtype), geo], dim=-1))
         return torch.sigmoid(_upcast(rgb))
 
     def forward(self, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

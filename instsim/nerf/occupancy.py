@@ -25,10 +25,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["OccupancyGrid", "COARSE_RES"]
+__all__ = ["OccupancyGrid", "COARSE_RES", "device_rand"]
 
 #: the coarse (max-pooled, dilated) grid used to skip long empty stretches of a ray in big steps
 COARSE_RES = 16
+
+
+def device_rand(generator: torch.Generator | None, device: torch.device) -> Callable[..., torch.Tensor]:
+    """``rand(*shape)``: uniform [0, 1) numbers on ``device``, reproducible from the CPU ``generator``.
+
+    On the CPU it draws from ``generator`` itself. On a GPU it draws on the GPU from a generator seeded by
+    one draw of ``generator``: drawing millions of numbers on the CPU and copying them over cost more than
+    the training step they served (the CPU generator's state, saved with checkpoints, still fixes them).
+    """
+    if device.type != "cuda":
+        return lambda *shape: torch.rand(*shape, generator=generator)
+    gpu_gen = torch.Generator(device=device)
+    if generator is None:
+        gpu_gen.seed()
+    else:
+        gpu_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    return lambda *shape: torch.rand(*shape, generator=gpu_gen, device=device)
 
 
 class OccupancyGrid(nn.Module):
@@ -141,14 +158,15 @@ class OccupancyGrid(nn.Module):
         """
         dev = self.density.device
         n = self.res**3
+        rand = device_rand(generator, dev)
         if full or sample_fraction >= 1.0:
             cells = torch.arange(n, device=dev)
         else:
             occ = self.occupied.nonzero().squeeze(1)
-            pick = torch.rand(n, generator=generator).to(dev) < sample_fraction
+            pick = rand(n) < sample_fraction
             free = (pick & ~self.occupied).nonzero().squeeze(1)
             cells = torch.cat([occ, free])
-        jitter = (torch.rand(cells.shape[0], 3, generator=generator).to(dev) - 0.5) * self.cell_size
+        jitter = (rand(cells.shape[0], 3) - 0.5) * self.cell_size
         pts = self.cell_centres(cells) + jitter
         new = torch.cat([density_fn(p).float() for p in pts.split(chunk)]) if cells.numel() else pts.new_zeros(0)
         self.density[cells] = torch.maximum(self.density[cells] * decay, torch.nan_to_num(new, nan=0.0))

@@ -190,6 +190,10 @@ def render_rays(
         :func:`composite`'s dict without weights, plus ``n_samples`` (samples composited) and ``n_evals``
         (density evaluations, including those past the termination point) as ints.
     """
+    if samples is None and model.uses_cuda_kernels:
+        from .cuda_ops import render_rays_cuda
+
+        return render_rays_cuda(model, rays_o, rays_d, jitter=jitter)
     cfg = model.cfg
     n_rays = rays_o.shape[0]
     if samples is None:
@@ -296,6 +300,9 @@ def render(
         o = norm.to_nerf(rays_o.reshape(-1, 3))
         d = rays_d.reshape(-1, 3)
         parts: dict[str, list[torch.Tensor]] = {"rgb": [], "opacity": [], "depth": []}
+        if not grad and model.uses_cuda_kernels:
+            # the compacting inference loop wants many rays at once; its memory grows with its step budget only
+            chunk = max(chunk, 2**21)
         for s in range(0, o.shape[0], chunk):
             res = render_rays(model, o[s : s + chunk], d[s : s + chunk])
             for k in parts:

@@ -31,6 +31,7 @@ from .checkpoint import compare_fields, read_checkpoint, save_checkpoint
 from .config import CONSTRUCTION_KEYS, NerfConfig, resolve_max_res
 from .network import InstantNerf
 from .normalization import SceneNormalization
+from .occupancy import device_rand
 from .rendering import render_rays
 
 __all__ = ["train_nerf", "resolve_device", "lr_at", "non_finite_parameters", "LOG_COLUMNS"]
@@ -168,7 +169,8 @@ def train_nerf(
     Returns:
         summary dict: ``step``, ``start_step``, ``steps_run``, ``train_time_s`` (this call),
         ``total_time_s`` (all calls), ``loss``, ``psnr`` (last logged, on random backgrounds),
-        ``rays_per_s``, ``occupied_fraction``, ``samples_per_ray``, ``device``, ``checkpoint``, ``finished``.
+        ``rays_per_s``, ``occupied_fraction``, ``samples_per_ray``, ``device``, ``backend`` (``cuda`` kernels or
+        the ``torch`` path), ``checkpoint``, ``finished``.
 
     Raises:
         InstsimError: non-finite loss (naming the step; the last good checkpoint is kept), a checkpoint
@@ -205,6 +207,8 @@ def _train(
 
     torch.manual_seed(cfg.seed)
     model = InstantNerf(cfg, norm).to(device)
+    # pick the backend (and build or load the kernels) before the clock starts
+    backend_used = "cuda" if model.uses_cuda_kernels else "torch"
     opt = _make_optimizer(model, cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     start, prior_time = 0, 0.0
@@ -286,11 +290,12 @@ def _train(
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         # a batch of random pixels of random views
-        img = torch.randint(0, n_img, (n_rays,), generator=gen)
-        px = torch.randint(0, w, (n_rays,), generator=gen)
-        py = torch.randint(0, h, (n_rays,), generator=gen)
-        jitter = torch.rand(n_rays, generator=gen)
-        bg = torch.rand(n_rays, 3, generator=gen)
+        rand = device_rand(gen, device)
+        img = (rand(n_rays) * n_img).long().clamp_(max=n_img - 1)
+        px = (rand(n_rays) * w).long().clamp_(max=w - 1)
+        py = (rand(n_rays) * h).long().clamp_(max=h - 1)
+        jitter = rand(n_rays)
+        bg = rand(n_rays, 3)
         img, px, py, jitter, bg = (x.to(device) for x in (img, px, py, jitter, bg))
         uv = torch.stack([px, py], dim=-1).float()[:, None, :] + 0.5  # pixel centres, (n, 1, 2)
         rays_o, rays_d = get_rays(poses[img], intr, uv)
@@ -376,6 +381,7 @@ def _train(
         "occupied_fraction": model.occupancy.occupied_fraction(),
         "samples_per_ray": None if math.isnan(spr) else spr,
         "device": str(device),
+        "backend": backend_used,
         "checkpoint": str(checkpoint_path if finished else state_path),
         "config": cfg.to_dict(),
     }

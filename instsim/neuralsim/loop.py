@@ -46,8 +46,9 @@ import torch
 
 from ..backgrounds import boxes_from_alpha, random_backgrounds
 from ..cameras import Intrinsics, PoseSpace
-from ..errors import ConfigError, InputError, InstsimError, describe_exception
-from ..io import save_torch
+from ..errors import ConfigError, InputError, InstsimError
+from ..config_fields import FieldChecks, is_int, is_number
+from ..io import load_torch, save_torch
 from .distribution import PoseDistribution
 from .implicit import implicit_image_grad, inverse_hvp, make_hvp
 from .sampling import RelaxedSample, draw_noise, relaxed_poses
@@ -160,31 +161,14 @@ class NeuralSimConfig:
     def validate(self, source: str | Path | None = None) -> None:
         """Raise :class:`ConfigError` naming ``neuralsim.<key>`` for any impossible value."""
 
-        def bad(key: str, msg: str) -> None:
-            raise ConfigError(source, f"neuralsim.{key}", msg)
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        for key in ("iterations", "images_per_class", "eval_every", "checkpoint_every", "render_chunk",
-                    "pretrain_images_per_class"):
-            v = getattr(self, key)
-            if not is_int(v) or v < 1:
-                bad(key, f"must be a positive integer, got {v!r}")
-        for key in ("inner_steps", "pretrain_steps", "seed"):
-            v = getattr(self, key)
-            if not is_int(v) or v < 0:
-                bad(key, f"must be an integer >= 0, got {v!r}")
-        if self.inner_batch_size is not None and (not is_int(self.inner_batch_size) or self.inner_batch_size < 1):
-            bad("inner_batch_size", f"must be null or a positive integer, got {self.inner_batch_size!r}")
-        for key in ("inner_lr", "temperature", "psi_lr"):
-            v = getattr(self, key)
-            if not is_num(v) or v <= 0:
-                bad(key, f"must be a finite number > 0, got {v!r}")
-        if not is_num(self.grad_clip) or self.grad_clip < 0:
+        check = FieldChecks("neuralsim", source)
+        bad = check.fail
+        check.ints(self, ("iterations", "images_per_class", "eval_every", "checkpoint_every", "render_chunk",
+                          "pretrain_images_per_class"), 1)
+        check.ints(self, ("inner_steps", "pretrain_steps", "seed"), 0)
+        check.ints(self, ("inner_batch_size",), 1, optional=True)
+        check.numbers(self, ("inner_lr", "temperature", "psi_lr"), 0, strict=True)
+        if not is_number(self.grad_clip) or self.grad_clip < 0:
             bad("grad_clip", f"must be a finite number >= 0 (0 disables clipping), got {self.grad_clip!r}")
         if not self.learned:
             bad("learned", "name at least one factor to learn")
@@ -198,9 +182,9 @@ class NeuralSimConfig:
             bad("inverse_hvp.method", f"must be one of {list(INVERSE_HVP_METHODS)}, got {ih.method!r}")
         if not is_int(ih.k) or ih.k < 0:
             bad("inverse_hvp.k", f"must be an integer >= 0, got {ih.k!r}")
-        if not is_num(ih.alpha) or ih.alpha <= 0:
+        if not is_number(ih.alpha) or ih.alpha <= 0:
             bad("inverse_hvp.alpha", f"must be a finite number > 0, got {ih.alpha!r}")
-        if not is_num(ih.damping) or ih.damping < 0:
+        if not is_number(ih.damping) or ih.damping < 0:
             bad("inverse_hvp.damping", f"must be a finite number >= 0, got {ih.damping!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,13 +198,7 @@ class NeuralSimConfig:
         """From the config's ``neuralsim`` section; missing keys take their defaults, unknown keys (also inside
         ``inverse_hvp``) and bad values raise :class:`ConfigError` naming ``neuralsim.<key>``."""
         d = {} if d is None else d
-        if not isinstance(d, Mapping):
-            raise ConfigError(source, "neuralsim", f"must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ConfigError(source, f"neuralsim.{key}", f"unknown Neural-Sim option (known: {', '.join(sorted(known))})")
-        kwargs = dict(d)
+        kwargs = FieldChecks("neuralsim", source).known_keys(d, (f.name for f in fields(cls)), "Neural-Sim option")
         ih = kwargs.get("inverse_hvp", {})
         if isinstance(ih, InverseHVPConfig):
             ih = asdict(ih)
@@ -660,14 +638,7 @@ def _describe_difference(saved: Any, want: Any) -> str:
 
 
 def _read_checkpoint(path: Path) -> dict:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (corrupt / truncated / foreign file)
-        raise InputError(path, None, f"Neural-Sim resume checkpoint is truncated or corrupt ({describe_exception(e)}); "
-                         "delete it to start over") from None
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(path, "format", f"not a Neural-Sim resume checkpoint (expected {CHECKPOINT_FORMAT!r}); delete it")
-    return ck
+    return load_torch(path, CHECKPOINT_FORMAT, "a Neural-Sim resume checkpoint", hint="; delete it to start over")
 
 
 # ---------------------------------------------------------------------------------------------------------

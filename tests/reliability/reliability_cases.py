@@ -75,7 +75,8 @@ def _dataset_job(tmp: Path, source: dict) -> FakeSnakemake:
     return stage_job(
         "generate_dataset", tmp / "results",
         output={"transforms": [out / f"transforms_{s}.json" for s in SPLITS], "views": [out / s for s in SPLITS]},
-        params={"source": source, "dataset": tiny_config()["dataset"], "seed": 0}, wildcards={"cls": "shapes"},
+        params={"source": source, "dataset": tiny_config()["dataset"], "seed": 0, "device": "cpu"},
+        wildcards={"cls": "shapes"},
     )
 
 

@@ -1,7 +1,7 @@
 """Run a workflow stage script (``workflow/scripts/<rule>.py``) without Snakemake, as Snakemake would.
 
 Snakemake runs a ``script:`` with a global ``snakemake`` object (``input``, ``output``, ``params``, ``log``,
-``wildcards``, ``threads``, ``rule``). :class:`FakeSnakemake` provides the parts the instsim scripts use, so
+``wildcards``, ``resources``, ``threads``, ``rule``). :class:`FakeSnakemake` provides the parts the instsim scripts use, so
 a stage's real code path (its :func:`~instsim.stage.run_stage` wrapper included) runs in-process in well
 under a second, and a test sees its exit status, its log and the files it left behind.
 """
@@ -64,6 +64,7 @@ class FakeSnakemake:
     params: Named = field(default_factory=Named)
     log: Named = field(default_factory=Named)
     wildcards: Named = field(default_factory=Named)
+    resources: Named = field(default_factory=Named)  # no ``gpu``: the stage claims no GPU
     threads: int = 1
 
 

@@ -44,7 +44,8 @@ def _dataset(results: Path, seed: int) -> None:
     sm = stage_job("generate_dataset", results,
                    output={"transforms": [out / f"transforms_{s}.json" for s in ("train", "val", "test")],
                            "views": [out / s for s in ("train", "val", "test")]},
-                   params={"source": {"source": "procedural", "gesture": "fist"}, "dataset": ds, "seed": seed},
+                   params={"source": {"source": "procedural", "gesture": "fist"}, "dataset": ds, "seed": seed,
+                           "device": "cpu"},
                    wildcards={"cls": "fist"})
     assert run_stage_script("generate_dataset", sm).exit_code == 0
 
@@ -65,7 +66,8 @@ def _target(results: Path) -> None:
     sm = stage_job("render_target", results,
                    output={"images": out / "images", "annotations": out / "annotations.json",
                            "distribution": out / "distribution.json"},
-                   params={"classes": classes, "pose_space": cfg["pose_space"], "target": target, "seed": 0},
+                   params={"classes": classes, "pose_space": cfg["pose_space"], "target": target, "seed": 0,
+                           "device": "cpu"},
                    wildcards={"tsplit": "val"})
     assert run_stage_script("render_target", sm).exit_code == 0
 

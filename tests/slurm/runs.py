@@ -1,5 +1,5 @@
-"""Helpers for tests that compare whole workflow runs: the jobs Snakemake printed, the files under results/,
-and one local run of configs/tiny.yaml shared by the test modules of a pytest session."""
+"""Helpers for tests that compare whole workflow runs: the jobs Snakemake printed and the files under results/.
+(The local run of configs/tiny.yaml they compare against is conftest.py's session fixture `tiny_run`.)"""
 
 from __future__ import annotations
 
@@ -11,13 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO / "tests") not in sys.path:
-    sys.path.insert(0, str(REPO / "tests"))
-
-from workflow_utils import run_snakemake  # noqa: E402
 
 # Files whose content is a record of how a run went rather than what it computed.
 SKIP_CONTENT_DIRS = ("logs", "benchmarks")
@@ -198,23 +192,3 @@ def compare_results(a: Path, b: Path, results_dir: str = "results") -> tuple[lis
         compared.append(rel)
         _same(load(a / rel), load(b / rel), rel, diffs)
     return diffs, compared
-
-
-_LOCAL_RUN: dict[str, Path] = {}
-
-
-def shared_tiny_run(request, tmp_path_factory) -> Path:
-    """A finished local run of configs/tiny.yaml (its working directory), made once per pytest session.
-
-    Uses a `tiny_run` fixture when conftest.py provides one, so the suite runs the tiny workflow locally
-    only once; otherwise runs it here. Callers must not change it (copy it first)."""
-    try:
-        return request.getfixturevalue("tiny_run")
-    except pytest.FixtureLookupError:
-        pass
-    if "tiny" not in _LOCAL_RUN:
-        workdir = tmp_path_factory.mktemp("tiny_local_run")
-        proc = run_snakemake(workdir, None, timeout=3600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        _LOCAL_RUN["tiny"] = workdir
-    return _LOCAL_RUN["tiny"]

@@ -27,9 +27,7 @@ def _validate_config(config):
         with open(SCHEMA) as f:
             schema = yaml.safe_load(f)
         errors = jsonschema.Draft202012Validator(schema).iter_errors(config)
-        lines = sorted(
-            f"  {'.'.join(str(p) for p in e.absolute_path) or '(top level)'}: {e.message}" for e in errors
-        )
+        lines = sorted(f"  {'.'.join(str(p) for p in e.absolute_path) or '(top level)'}: {e.message}" for e in errors)
         raise WorkflowError(
             f"Invalid config in {sources} (checked against workflow/schemas/config.schema.yaml):\n" + "\n".join(lines)
         )
@@ -51,6 +49,15 @@ SEEDS = [str(s) for s in config["seeds"]]
 
 # GPU stages ask for one GPU when the run uses CUDA, so the `gpu` resource keeps them from sharing one.
 GPU_JOBS = gpu_jobs(config["device"])
+
+
+def gpu_resources():
+    """Resources of a GPU stage: `gpu` (1 when the run uses CUDA, else 0) and, when the config names a
+    `gpu_model` and a GPU is asked for, that model (the SLURM plugin turns both into --gpus=<model>:1)."""
+    resources = {"gpu": GPU_JOBS}
+    if GPU_JOBS and config.get("gpu_model"):
+        resources["gpu_model"] = config["gpu_model"]
+    return resources
 
 
 def nerf_settings(wildcards):

@@ -7,10 +7,6 @@ rule generate_dataset:
     output:
         transforms=expand(res("data/{{cls}}/transforms_{split}.json"), split=SPLITS),
         views=directory(expand(res("data/{{cls}}/{split}"), split=SPLITS)),
-    params:
-        source=lambda wc: config["classes"][wc.cls],
-        dataset=config["dataset"],
-        seed=config["seed"],
     log:
         res("logs/generate_dataset/{cls}.log"),
     benchmark:
@@ -18,6 +14,11 @@ rule generate_dataset:
     resources:
         mem_mb=lambda wc, attempt: 2000 * attempt,
         runtime=lambda wc, attempt: 30 * attempt,
+    params:
+        source=lambda wc: config["classes"][wc.cls],
+        dataset=config["dataset"],
+        seed=config["seed"],
+        device=config["device"],
     script:
         "../scripts/generate_dataset.py"
 

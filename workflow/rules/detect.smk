@@ -8,6 +8,15 @@ rule train_detector:
         model=res("detector/{strategy}/seed_{seed}/model.pt"),
         train_log=res("detector/{strategy}/seed_{seed}/train_log.tsv"),
         samples=res("detector/{strategy}/seed_{seed}/train_samples.png"),
+    log:
+        res("logs/train_detector/{strategy}/seed_{seed}.log"),
+    benchmark:
+        res("benchmarks/train_detector/{strategy}/seed_{seed}.tsv")
+    threads: 2
+    resources:
+        **gpu_resources(),
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 30 * attempt,
     params:
         classes=CLASSES,
         pose_space=config["pose_space"],
@@ -16,15 +25,6 @@ rule train_detector:
         device=config["device"],
         run_seed=config["seed"],
         resume=lambda wc: res(f"detector/{wc.strategy}/seed_{wc.seed}/resume/state.pt"),
-    log:
-        res("logs/train_detector/{strategy}/seed_{seed}.log"),
-    benchmark:
-        res("benchmarks/train_detector/{strategy}/seed_{seed}.tsv")
-    threads: 2
-    resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 30 * attempt,
-        gpu=GPU_JOBS,
     script:
         "../scripts/train_detector.py"
 
@@ -61,12 +61,12 @@ rule summarize:
             caption="../report/predictions.rst",
             category="Detection",
         ),
-    params:
-        strategies=STRATEGIES,
     log:
         res("logs/summarize.log"),
     resources:
         mem_mb=lambda wc, attempt: 1000 * attempt,
         runtime=lambda wc, attempt: 5 * attempt,
+    params:
+        strategies=STRATEGIES,
     script:
         "../scripts/summarize.py"

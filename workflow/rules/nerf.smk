@@ -8,19 +8,19 @@ rule train_nerf:
     output:
         checkpoint=res("nerf/{cls}/checkpoint.pt"),
         train_log=res("nerf/{cls}/train_log.tsv"),
-    params:
-        nerf=nerf_settings,
-        # periodic checkpoints live outside the outputs, which Snakemake deletes when a job fails
-        resume=lambda wc: res(f"nerf/{wc.cls}/resume/state.pt"),
     log:
         res("logs/train_nerf/{cls}.log"),
     benchmark:
         res("benchmarks/train_nerf/{cls}.tsv")
     threads: 2
     resources:
+        **gpu_resources(),
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
-        gpu=GPU_JOBS,
+    params:
+        nerf=nerf_settings,
+        # periodic checkpoints live outside the outputs, which Snakemake deletes when a job fails
+        resume=lambda wc: res(f"nerf/{wc.cls}/resume/state.pt"),
     script:
         "../scripts/train_nerf.py"
 
@@ -38,6 +38,14 @@ rule validate_checkpoint:
             category="NeRF validation",
             labels={"class": "{cls}"},
         ),
+    log:
+        res("logs/validate_checkpoint/{cls}.log"),
+    benchmark:
+        res("benchmarks/validate_checkpoint/{cls}.tsv")
+    resources:
+        **gpu_resources(),
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 20 * attempt,
     params:
         min_psnr=config["nerf"]["min_psnr"],
         min_mask_iou=config["nerf"]["min_mask_iou"],
@@ -45,13 +53,5 @@ rule validate_checkpoint:
         device=config["device"],
         source=lambda wc: config["classes"][wc.cls],
         seed=config["seed"],
-    log:
-        res("logs/validate_checkpoint/{cls}.log"),
-    benchmark:
-        res("benchmarks/validate_checkpoint/{cls}.tsv")
-    resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 20 * attempt,
-        gpu=GPU_JOBS,
     script:
         "../scripts/validate_checkpoint.py"

@@ -16,17 +16,17 @@ rule optimize_distribution:
             caption="../report/neuralsim_learned_vs_target.rst",
             category="Neural-Sim",
         ),
-    params:
-        **neuralsim_params(True, "neuralsim"),
     log:
         res("logs/optimize_distribution/neuralsim.log"),
     benchmark:
         res("benchmarks/optimize_distribution/neuralsim.tsv")
     threads: 2
     resources:
+        **gpu_resources(),
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
-        gpu=GPU_JOBS,
+    params:
+        **neuralsim_params(True, "neuralsim"),
     script:
         "../scripts/optimize_distribution.py"
 
@@ -39,17 +39,17 @@ rule optimize_distribution_control:
     output:
         distribution=res("neuralsim_control/distribution.json"),
         trajectory=res("neuralsim_control/trajectory.tsv"),
-    params:
-        **neuralsim_params(False, "neuralsim_control"),
     log:
         res("logs/optimize_distribution/neuralsim_control.log"),
     benchmark:
         res("benchmarks/optimize_distribution/neuralsim_control.tsv")
     threads: 2
     resources:
+        **gpu_resources(),
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
-        gpu=GPU_JOBS,
+    params:
+        **neuralsim_params(False, "neuralsim_control"),
     script:
         "../scripts/optimize_distribution.py"
 

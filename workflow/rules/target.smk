@@ -6,11 +6,6 @@ rule render_target:
         images=directory(res("target/{tsplit}/images")),
         annotations=res("target/{tsplit}/annotations.json"),
         distribution=res("target/{tsplit}/distribution.json"),
-    params:
-        classes=config["classes"],
-        pose_space=config["pose_space"],
-        target=config["target"],
-        seed=config["seed"],
     log:
         res("logs/render_target/{tsplit}.log"),
     benchmark:
@@ -18,5 +13,11 @@ rule render_target:
     resources:
         mem_mb=lambda wc, attempt: 2000 * attempt,
         runtime=lambda wc, attempt: 30 * attempt,
+    params:
+        classes=config["classes"],
+        pose_space=config["pose_space"],
+        target=config["target"],
+        seed=config["seed"],
+        device=config["device"],
     script:
         "../scripts/render_target.py"

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from instsim.config import resolve_device
 from instsim.datasets import generate_procedural, import_folder
 from instsim.stage import run_stage
 
@@ -10,7 +11,8 @@ def main(sm):
     source = sm.params.source
     out_dir = Path(sm.output.transforms[0]).parent
     if source["source"] == "procedural":
-        generate_procedural(source["gesture"], out_dir, sm.params.dataset, sm.params.seed)
+        device = resolve_device(sm.params.device)
+        generate_procedural(source["gesture"], out_dir, sm.params.dataset, sm.params.seed, device=device)
     else:
         import_folder(source["path"], out_dir, sm.params.dataset["val_fraction"])
 

@@ -1,6 +1,7 @@
 """render_target: the detection target domain (one split) with COCO annotations."""
 
 from instsim.cameras import PoseSpace
+from instsim.config import resolve_device
 from instsim.stage import run_stage
 from instsim.target import render_target
 
@@ -18,6 +19,7 @@ def main(sm):
         sm.output.images,
         sm.output.annotations,
         sm.output.distribution,
+        device=resolve_device(sm.params.device),
     )
 
 

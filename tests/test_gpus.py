@@ -1,0 +1,168 @@
+"""One GPU per GPU job on a multi-GPU host: instsim.gpus.claim_gpu with fake GPU counts, the stage hook, and
+the default profile's `gpu` limit. No GPU is needed: the count is faked (a patched gpu_count, or a fake
+nvidia-smi on PATH) and CUDA is never started."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yte
+
+from conftest import REPO
+from instsim import gpus
+from instsim.stage import run_stage
+
+# A process that claims a GPU out of `sys.argv[1]` fake ones, prints what it got, then holds it until the
+# file `sys.argv[2]` exists (or forever when that is "-").
+HOLDER = """
+import os, sys, time
+from instsim import gpus
+gpus.gpu_count = lambda: int(sys.argv[1])
+with gpus.claim_gpu(poll_s=0.05) as index:
+    print(index, os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
+    while sys.argv[2] == "-" or not os.path.exists(sys.argv[2]):
+        time.sleep(0.05)
+"""
+
+
+@pytest.fixture
+def lock_dir(tmp_path, monkeypatch) -> Path:
+    """A fresh lock folder for this test (children inherit it), and no GPU chosen yet."""
+    folder = tmp_path / "locks"
+    monkeypatch.setenv(gpus.LOCK_DIR_ENV, str(folder))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return folder
+
+
+def _holder(n_gpus: int, release: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", HOLDER, str(n_gpus), release], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _claimed(proc: subprocess.Popen) -> tuple[int, str]:
+    line = proc.stdout.readline()
+    assert line, proc.stderr.read()
+    index, visible = line.split()
+    return int(index), visible
+
+
+def test_parallel_jobs_get_distinct_gpus(lock_dir, tmp_path, monkeypatch):
+    release = tmp_path / "release"
+    holders = [_holder(3, str(release)) for _ in range(3)]
+    try:
+        got = [_claimed(p) for p in holders]
+        assert sorted(i for i, _ in got) == [0, 1, 2]
+        assert all(visible == str(i) for i, visible in got)
+        # A fourth job finds every GPU taken: it waits, and gives up after its timeout.
+        monkeypatch.setattr(gpus, "gpu_count", lambda: 3)
+        with pytest.raises(gpus.GpuBusyError, match="all 3 GPUs"):
+            with gpus.claim_gpu(poll_s=0.05, timeout_s=0.3):
+                pass
+    finally:
+        release.touch()
+        for p in holders:
+            p.wait(timeout=30)
+    assert [p.returncode for p in holders] == [0, 0, 0]
+    with gpus.claim_gpu(timeout_s=0) as index:  # all released on exit
+        assert index == 0
+
+
+def test_waiting_job_gets_the_gpu_when_it_is_released(lock_dir, tmp_path, monkeypatch):
+    release = tmp_path / "release"
+    holder = _holder(1, str(release))
+    try:
+        assert _claimed(holder) == (0, "0")
+        monkeypatch.setattr(gpus, "gpu_count", lambda: 1)
+        threading.Timer(0.5, release.touch).start()  # the holder finishes in half a second
+        start = time.monotonic()
+        with gpus.claim_gpu(poll_s=0.05, timeout_s=30) as index:
+            assert index == 0 and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+        assert time.monotonic() - start >= 0.4
+    finally:
+        release.touch()
+        holder.wait(timeout=30)
+
+
+def test_killed_holder_frees_its_gpu(lock_dir, monkeypatch):
+    holder = _holder(1, "-")
+    try:
+        assert _claimed(holder) == (0, "0")
+        monkeypatch.setattr(gpus, "gpu_count", lambda: 1)
+        with pytest.raises(gpus.GpuBusyError):
+            with gpus.claim_gpu(timeout_s=0):
+                pass
+        holder.send_signal(signal.SIGKILL)  # no clean exit: the kernel drops its lock
+        holder.wait(timeout=30)
+        with gpus.claim_gpu(timeout_s=0) as index:
+            assert index == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
+def test_gpu_already_chosen_is_left_alone(lock_dir, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    monkeypatch.setattr(gpus, "gpu_count", lambda: pytest.fail("must not even count the GPUs"))
+    with gpus.claim_gpu() as index:
+        assert index is None and os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert not lock_dir.exists()
+
+
+def test_no_gpu_is_a_no_op(lock_dir, monkeypatch):
+    monkeypatch.setattr(gpus, "gpu_count", lambda: 0)
+    with gpus.claim_gpu() as index:
+        assert index is None and "CUDA_VISIBLE_DEVICES" not in os.environ
+    assert not lock_dir.exists()
+
+
+def _fake_snakemake(tmp_path, gpu: int) -> SimpleNamespace:
+    return SimpleNamespace(log=[str(tmp_path / "stage.log")], rule="train_nerf", wildcards={"cls": "fist"},
+                           resources=SimpleNamespace(gpu=gpu, mem_mb=1000))
+
+
+def test_stage_with_gpu_resource_runs_on_a_claimed_gpu(lock_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(gpus, "gpu_count", lambda: 2)
+    seen = {}
+    run_stage(_fake_snakemake(tmp_path, 1), lambda sm: seen.update(gpu=os.environ.get("CUDA_VISIBLE_DEVICES")))
+    assert seen["gpu"] == "0" and "CUDA_VISIBLE_DEVICES" not in os.environ
+    assert "claimed GPU 0 of 2" in (tmp_path / "stage.log").read_text()
+    run_stage(_fake_snakemake(tmp_path, 0), lambda sm: seen.update(cpu=os.environ.get("CUDA_VISIBLE_DEVICES")))
+    assert seen["cpu"] is None
+
+
+NVIDIA_SMI_L = """GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-11111111-2222-3333-4444-555555555555)
+GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-66666666-7777-8888-9999-000000000000)
+  MIG 3g.20gb     Device  0: (UUID: MIG-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee)
+GPU 2: NVIDIA H100 80GB HBM3 (UUID: GPU-ffffffff-2222-3333-4444-555555555555)
+"""
+
+
+@pytest.mark.parametrize(
+    "listing, exit_code, expected",
+    [(NVIDIA_SMI_L, 0, 3), ("", 0, 0), ("NVIDIA-SMI has failed", 9, 0), (None, 0, 0)],
+    ids=["three-gpus-one-with-mig", "empty", "driver-error", "no-nvidia-smi"],
+)
+def test_gpu_count_and_the_default_profile_agree(tmp_path, monkeypatch, listing, exit_code, expected):
+    """gpu_count() reads `nvidia-smi -L`; profiles/default sets the `gpu` limit to the same count (at least 1)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if listing is not None:  # None: no nvidia-smi on PATH at all
+        (bin_dir / "listing").write_text(listing)
+        smi = bin_dir / "nvidia-smi"
+        smi.write_text(f'#!/bin/sh\n[ "$1" = "-L" ] || exit 2\n/bin/cat "{bin_dir / "listing"}"\nexit {exit_code}\n')
+        smi.chmod(0o755)
+    # only the fake (no system folders: a real nvidia-smi there would be found in the no-nvidia-smi case)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert gpus.gpu_count() == expected
+    with open(REPO / "profiles" / "default" / "config.yaml") as f:
+        profile = yte.process_yaml(f, require_use_yte=True)
+    assert profile["resources"] == [f"gpu={max(1, expected)}"]
