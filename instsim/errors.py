@@ -35,5 +35,14 @@ class InputError(InstsimError, ValueError):
         super().__init__(f"{prefix}: {message}" if prefix else message)
 
 
+def describe_exception(e: BaseException, limit: int = 200) -> str:
+    """``"Type: first line of the message"`` cut to ``limit`` characters: the gist of a third-party error
+    (torch's unpickler, imageio) inside one clear line, without its multi-line advice."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 class ConfigError(InputError):
     """A config value that is wrong in a way the JSON schema cannot express."""

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import imageio.v3 as iio
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, describe_exception
 
 __all__ = ["atomic_path", "atomic_dir", "write_json", "read_json", "write_png", "read_image", "to_uint8", "save_torch", "load_torch"]
 
@@ -146,7 +146,8 @@ def load_torch(path: str | Path, fmt: str, what: str, hint: str = "") -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (corrupt / truncated / foreign file)
-        raise InputError(path, None, f"cannot read {what}: {e}{hint}") from None
+        # the file is there but torch cannot unpickle it: a write that never finished or another kind of file
+        raise InputError(path, None, f"cannot read {what}: truncated or corrupt ({describe_exception(e)}){hint}") from None
     if not isinstance(ck, dict) or ck.get("format") != fmt:
         raise InputError(path, "format", f"not {what} (expected format {fmt!r}){hint}")
     return ck

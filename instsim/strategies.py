@@ -92,7 +92,11 @@ def load_coco_images(
         by_image[ann["image_id"]].append(ann)
     images, boxes, labels = [], [], []
     for i, img in enumerate(coco["images"]):
-        arr = read_image(Path(images_dir) / img["file_name"], field=f"images[{i}].file_name")[..., :3]
+        image_path = Path(images_dir) / img["file_name"]
+        try:
+            arr = read_image(image_path, field=f"images[{i}].file_name")[..., :3]
+        except InputError as e:  # name the json too: it is where the file name came from
+            raise InputError(annotations_path, f"images[{i}].file_name", f"image {image_path}: {e.message}") from None
         images.append(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
         anns = by_image[img["id"]]
         boxes.append(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4))

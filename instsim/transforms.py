@@ -121,6 +121,16 @@ def _check_frame_camera(json_path: Path, frame: Mapping, index: int, intr: Intri
             )
 
 
+def _read_frame_image(json_path: Path, image_path: Path, index: int) -> np.ndarray:
+    """Frame ``index``'s image; an unreadable one raises :class:`InputError` naming the json, the frame's field
+    and the image (the user edits the json or replaces the image, so both must be named)."""
+    field_name = f"frames[{index}].file_path"
+    try:
+        return read_image(image_path, field=field_name)
+    except InputError as e:
+        raise InputError(json_path, field_name, f"image {image_path}: {e.message}") from None
+
+
 def read_transforms(path: str | Path, check_images: bool = True) -> Transforms:
     """Read and validate a transforms json.
 
@@ -154,7 +164,7 @@ def read_transforms(path: str | Path, check_images: bool = True) -> Transforms:
         _check_frame_camera(path, fr, i, intr, meta)
         image_path = resolve_image(path, fr["file_path"], f"frames[{i}].file_path")
         if check_images:
-            img = read_image(image_path, field=f"frames[{i}].file_path")
+            img = _read_frame_image(path, image_path, i)
             if img.shape[:2] != (intr.h, intr.w):
                 raise InputError(
                     path,
@@ -202,7 +212,7 @@ def load_views(path: str | Path, transforms: Transforms | None = None) -> Views:
     tf = transforms or read_transforms(path, check_images=False)
     imgs = []
     for i, fr in enumerate(tf.frames):
-        img = read_image(fr.image_path, field=f"frames[{i}].file_path")
+        img = _read_frame_image(tf.path, fr.image_path, i)
         if img.shape[:2] != (tf.intrinsics.h, tf.intrinsics.w):
             raise InputError(tf.path, f"frames[{i}].file_path", f"image size {img.shape[1]}x{img.shape[0]} != w x h")
         if img.shape[-1] == 3:

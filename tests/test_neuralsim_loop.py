@@ -147,7 +147,12 @@ DETECTOR = DetectorConfig(image_size=32, num_classes=1, width=8, head_width=8, b
 
 @pytest.fixture(scope="module")
 def disk_problem():
-    """The stand-in class and its target/val set: 40 images at the target distribution (mostly high, orange)."""
+    return make_disk_problem()
+
+
+def make_disk_problem():
+    """The stand-in class and its target/val set: 40 images at the target distribution (mostly high, orange).
+    Returns ``(models, centres, val)``; also used by tests/reliability's kill-and-resume worker."""
     centres = {"disk": torch.tensor([0.1, -0.1, 0.0])}
     models = {"disk": Disk(centres["disk"])}
     from instsim.synth import detection_intrinsics

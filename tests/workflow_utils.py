@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +32,16 @@ def run_snakemake(workdir: Path, config: dict | None = None, *args: str, timeout
         sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
         "--configfile", str(cfg_path), "--cores", "2", *args,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=repo_env())
 
+
+def repo_env() -> dict[str, str]:
+    """The environment with this checkout first on ``PYTHONPATH``: a subprocess (Snakemake's jobs included)
+    must run this checkout's ``instsim``, not whatever copy happens to be installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+    
 
 def slurm_helpers(name: str):
     """tests/slurm/<name>.py as a module, loaded once per session (tests/slurm is not a package)."""

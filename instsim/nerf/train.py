@@ -7,7 +7,10 @@ step adapts so a step evaluates about ``batch_samples`` network samples (Instant
 early steps march through fog and are expensive per ray, later ones are cheap.
 
 Training resumes from its checkpoint: if the checkpoint (or ``resume_path``) exists, the model, optimizer,
-occupancy grid, step and random state are restored and training continues to ``cfg.steps``.
+occupancy grid, step, random state and the running samples-per-ray estimate (which sets the batch size) are
+restored and training continues to ``cfg.steps``, ending with the same weights, bit for bit on the same CPU
+and thread count, as an uninterrupted run. A non-finite loss stops training, and a checkpoint is never
+written from non-finite weights, so the last checkpoint on disk is always a good one.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 from ..cameras import Intrinsics, get_rays
 from ..errors import InputError, InstsimError
+from ..io import atomic_path
 from ..transforms import Views
 from .checkpoint import compare_fields, read_checkpoint, save_checkpoint
 from .config import CONSTRUCTION_KEYS, NerfConfig, resolve_max_res
@@ -30,7 +34,7 @@ from .normalization import SceneNormalization
 from .occupancy import device_rand
 from .rendering import render_rays
 
-__all__ = ["train_nerf", "resolve_device", "lr_at", "LOG_COLUMNS"]
+__all__ = ["train_nerf", "resolve_device", "lr_at", "non_finite_parameters", "LOG_COLUMNS"]
 
 LOG_COLUMNS = ("step", "loss", "psnr", "rays_per_s", "occupied_fraction", "samples_per_ray", "rays", "lr", "elapsed_s")
 _MIN_RAYS = 64
@@ -92,7 +96,8 @@ class _TsvLog:
                 header = next(reader, None)
                 if header == list(LOG_COLUMNS):
                     rows = [r for r in reader if r and r[0].isdigit() and int(r[0]) <= resume_step]
-        with self.path.open("w", newline="") as f:
+        # rewritten atomically: a kill during the rewrite must not lose the rows before the resumed step
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
             w = csv.writer(f, delimiter="\t", lineterminator="\n")
             w.writerow(LOG_COLUMNS)
             w.writerows(rows)
@@ -105,6 +110,27 @@ class _TsvLog:
 
 def _fmt(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def non_finite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers of ``model`` that hold a NaN or infinite value (empty if none)."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _check_finite_weights(model: InstantNerf, step: int, kept: Path) -> None:
+    """Refuse to write a checkpoint of a broken model.
+
+    The loss guard catches a NaN forward pass, but a finite loss with a non-finite gradient (an overflow in
+    the backward pass) poisons the weights through Adam one step before the loss shows it; written as a
+    checkpoint, that would replace the last good one and a resume would start from garbage.
+    """
+    bad = non_finite_parameters(model)
+    if bad:
+        raise InstsimError(
+            f"NeRF training diverged: non-finite values in {', '.join(bad[:5])} after step {step}. The last good "
+            f"checkpoint ({kept if kept.is_file() else 'none written yet'}) is kept; lower nerf.lr or check the data"
+        )
 
 
 def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -186,6 +212,7 @@ def _train(
     opt = _make_optimizer(model, cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     start, prior_time = 0, 0.0
+    spr = float("nan")  # EMA of network samples per ray (NaN until the first step)
     n_rays = cfg.batch_rays
     if cfg.batch_samples:
         # before the first grid update every ray marches the whole cube: ~march_steps / 2 samples
@@ -215,6 +242,8 @@ def _train(
         start = int(state["step"])
         prior_time = float(state.get("train", {}).get("elapsed_s", 0.0))
         n_rays = int(state.get("train", {}).get("rays_per_batch", n_rays))
+        # the EMA of samples per ray steers the batch size; without it a resumed run takes other batches
+        spr = float(state.get("train", {}).get("samples_per_ray_ema", spr))
 
     log = _TsvLog(log_tsv_path, start)
     images = train_views.images.to(device)  # (N, H, W, 4)
@@ -228,6 +257,7 @@ def _train(
         return model.density(p)[0]
 
     def checkpoint(step: int, elapsed: float, path: Path) -> None:
+        _check_finite_weights(model, step, state_path)
         save_checkpoint(
             path,
             model,
@@ -235,7 +265,7 @@ def _train(
             intrinsics=intr,
             optimizer=opt,
             rng=_rng_state(gen),
-            train={"elapsed_s": elapsed, "rays_per_batch": n_rays},
+            train={"elapsed_s": elapsed, "rays_per_batch": n_rays, "samples_per_ray_ema": spr},
         )
 
     bar = None
@@ -245,7 +275,6 @@ def _train(
         bar = tqdm(total=stop, initial=start, desc="nerf", unit="step", dynamic_ncols=True)
     t_start = time.perf_counter()
     t_log, rays_since_log = t_start, 0
-    spr = float("nan")
     last: dict[str, Any] = {}
     step = start
     for step in range(start, stop):

@@ -649,6 +649,16 @@ def _fingerprint(val: ValSet, classes: Sequence[str], space: PoseSpace, target_p
     return h.hexdigest()
 
 
+def _describe_difference(saved: Any, want: Any) -> str:
+    """``saved`` vs ``want`` for a message: for two dicts only the keys that differ (``iterations: 5 vs 3``),
+    since a whole config dict hides the one value the user has to look for."""
+    if isinstance(saved, Mapping) and isinstance(want, Mapping):
+        keys = sorted(set(saved) | set(want), key=str)
+        diffs = [f"{k}: {saved.get(k)!r} vs {want.get(k)!r}" for k in keys if saved.get(k) != want.get(k)]
+        return "checkpoint vs this run: " + "; ".join(diffs)
+    return f"checkpoint {saved!r} vs this run {want!r}"
+
+
 def _read_checkpoint(path: Path) -> dict:
     return load_torch(path, CHECKPOINT_FORMAT, "a Neural-Sim resume checkpoint", hint="; delete it to start over")
 
@@ -770,8 +780,8 @@ def optimize_distribution(
         ck = _read_checkpoint(ckpt)
         for key, want in identity.items():
             if ck.get(key) != want:
-                raise ConfigError(ckpt, key, f"the resume checkpoint was made with another {key} ({ck.get(key)!r} vs "
-                                  f"{want!r}); delete it to start over")
+                raise ConfigError(ckpt, key, f"the resume checkpoint was made with another {key} "
+                                  f"({_describe_difference(ck.get(key), want)}); delete it to start over")
         dist.load_state_dict(ck["psi"])
         adam.load_state_dict(ck["psi_optimizer"])
         detector = build_detector(detector_cfg)

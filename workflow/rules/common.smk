@@ -10,8 +10,17 @@ from instsim.errors import InstsimError
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 
 
+def _config_sources():
+    """The config files this run merged (the default config.yaml and every --configfile), for messages:
+    a user must be told which file to fix, and Snakemake does not record which file a key came from."""
+    files = [str(f) for f in getattr(workflow, "configfiles", [])]
+    return ", ".join(files) if files else "config"
+
+
 def _validate_config(config):
-    """Schema check with a one-line message per problem (key path: reason), then cross-field checks."""
+    """Schema check with a one-line message per problem (key path: reason), then cross-field checks.
+    Every message names the config file(s) and the key."""
+    sources = _config_sources()
     try:
         validate(config, schema=SCHEMA)
     except WorkflowError:
@@ -20,10 +29,10 @@ def _validate_config(config):
         errors = jsonschema.Draft202012Validator(schema).iter_errors(config)
         lines = sorted(f"  {'.'.join(str(p) for p in e.absolute_path) or '(top level)'}: {e.message}" for e in errors)
         raise WorkflowError(
-            "Invalid config (checked against workflow/schemas/config.schema.yaml):\n" + "\n".join(lines)
+            f"Invalid config in {sources} (checked against workflow/schemas/config.schema.yaml):\n" + "\n".join(lines)
         )
     try:
-        check_config(config)
+        check_config(config, source=sources)
     except InstsimError as e:
         raise WorkflowError(f"Invalid config: {e}")
 
