@@ -33,3 +33,13 @@ def tiny_run(tmp_path_factory) -> Path:
     proc = run_snakemake(workdir, None, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return workdir
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch intra-op thread for the test: thousands of small ops gain nothing from more, and on two shared
+    cores the extra threads stall each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

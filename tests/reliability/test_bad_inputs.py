@@ -4,18 +4,12 @@ field or value at fault, and no output that looks finished."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from reliability_cases import CASES, Case
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one torch thread per test process."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# thousands of small ops on two shared cores: one torch thread per test (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

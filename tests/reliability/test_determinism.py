@@ -10,18 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from reliability_stage import run_stage_script, stage_job
 from workflow_utils import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# thousands of small ops on two shared cores: one torch thread per test (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -26,12 +26,8 @@ from workflow_utils import repo_env
 WORKER = Path(worker.__file__)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# thousands of small ops on two shared cores: one torch thread per test (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------
