@@ -31,7 +31,7 @@ if __name__ == "__main__":  # run as a script: the checkout, tests/ and this fol
     sys.path[:0] = [str(Path(__file__).resolve().parents[i]) for i in (2, 1, 0)]
 
 from conftest import BLENDERNERF_TINY
-from reliability_stage import FakeSnakemake, Named, run_stage_script, stage_job
+from reliability_stage import FakeSnakemake, Named, close_stage_log, run_stage_script, stage_job
 from workflow_utils import run_snakemake, tiny_config
 
 SPLITS = ("train", "val", "test")
@@ -298,11 +298,7 @@ def _library(tmp: Path, rule: str, body: Callable[[], None], outputs: list[Path]
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     finally:
-        import logging
-
-        for h in list(logging.getLogger("instsim").handlers):
-            h.close()
-            logging.getLogger("instsim").removeHandler(h)
+        close_stage_log()
     return Outcome(code, Path(sm.log[0]).read_text(), outputs)
 
 

@@ -81,6 +81,16 @@ class StageResult:
         return [p for p in self.outputs if p.exists()]
 
 
+def close_stage_log() -> None:
+    """run_stage points instsim's logger at the job's log file; close it so the next stage starts clean."""
+    import logging
+
+    logger = logging.getLogger("instsim")
+    for h in list(logger.handlers):
+        h.close()
+        logger.removeHandler(h)
+
+
 def run_stage_script(script: str, sm: FakeSnakemake) -> StageResult:
     """Run ``workflow/scripts/<script>.py`` with ``sm`` as its ``snakemake`` global; a ``sys.exit`` becomes the
     exit code. Any other exception propagates (a stage that dies with a traceback is a bug the test shows)."""
@@ -90,12 +100,7 @@ def run_stage_script(script: str, sm: FakeSnakemake) -> StageResult:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     finally:
-        # run_stage points instsim's logger at the job's log file; close it so the next stage starts clean
-        import logging
-
-        for h in list(logging.getLogger("instsim").handlers):
-            h.close()
-            logging.getLogger("instsim").removeHandler(h)
+        close_stage_log()
         sys.stderr.flush()
     log_path = Path(sm.log[0]) if len(sm.log) else None
     text = log_path.read_text() if log_path is not None and log_path.is_file() else ""
