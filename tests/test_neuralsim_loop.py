@@ -209,6 +209,18 @@ def test_loop_with_the_sign_dropped_moves_psi_away(disk_problem, monkeypatch):
     assert rows[-1]["tv_to_target"] > rows[0]["tv_to_target"] + 0.1, [round(r["tv_to_target"], 3) for r in rows]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine runs it)")
+def test_loop_with_the_detector_on_the_gpu_follows_the_cpu_run(disk_problem):
+    cfg = _cfg(iterations=3, pretrain_steps=20, pretrain_images_per_class=16, eval_every=1)
+    runs = {dev: _run(disk_problem, cfg, device=dev) for dev in ("cpu", "cuda")}
+    (d_cpu, det_cpu, rows_cpu), (d_gpu, det_gpu, rows_gpu) = runs["cpu"], runs["cuda"]
+    assert next(det_gpu.parameters()).device.type == "cpu"  # handed back on the CPU
+    # the same samples and batches: psi and the validation losses agree up to float rounding
+    p_cpu, p_gpu = d_cpu.probs("disk")["elevation"].detach(), d_gpu.probs("disk")["elevation"].detach()
+    assert torch.allclose(p_gpu, p_cpu, atol=1e-3), (p_cpu, p_gpu)
+    assert [r["val_loss"] for r in rows_gpu] == pytest.approx([r["val_loss"] for r in rows_cpu], rel=1e-3)
+
+
 def test_control_keeps_psi_exactly_at_its_init(disk_problem):
     init = {"disk": {"azimuth": [0.25] * 4, "elevation": [0.4, 0.3, 0.2, 0.1], "zoom": [1.0]}}
     start = PoseDistribution(SPACE, ["disk"], learned=["elevation"], init=init)

@@ -139,14 +139,16 @@ def predict(
     progress: bool = False,
 ) -> list[Detections]:
     """Batched inference: a :class:`Detections` per image of ``images (N, 3, H, W)`` (float in ``[0, 1]``
-    or uint8). Decoding options default to the model's ``cfg``. The model's train/eval mode is restored."""
+    or uint8), run on the model's device and returned on the CPU. Decoding options default to the model's
+    ``cfg``. The model's train/eval mode is restored."""
     cfg = model.cfg
     st = cfg.score_threshold if score_threshold is None else score_threshold
     md = cfg.max_detections if max_detections is None else max_detections
     ni = cfg.nms_iou if nms_iou is None else nms_iou
     was_training = model.training
     model.eval()
-    dtype = next(model.parameters()).dtype
+    p = next(model.parameters())
+    dtype, device = p.dtype, p.device
     out: list[Detections] = []
     try:
         starts = range(0, len(images), batch_size)
@@ -155,9 +157,10 @@ def predict(
 
             starts = tqdm(starts, desc="detect", unit="batch")
         for i in starts:
-            x = as_float_images(images[i:i + batch_size]).to(dtype)
-            out += decode_outputs(model(x), cfg.stride, score_threshold=st, max_detections=md, nms_iou=ni,
+            x = as_float_images(images[i:i + batch_size]).to(device=device, dtype=dtype)
+            dets = decode_outputs(model(x), cfg.stride, score_threshold=st, max_detections=md, nms_iou=ni,
                                   image_size=tuple(x.shape[2:]))
+            out += [Detections(*(t.cpu() for t in d)) for d in dets]
     finally:
         model.train(was_training)
     return out

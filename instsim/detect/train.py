@@ -366,6 +366,8 @@ def finetune(
             its ``lr`` is used as is.
         history: if given, ``{"step", "loss", "heatmap", "size", "offset"}`` per step is appended.
 
+    Batches are drawn and encoded on the CPU and moved to the model's device.
+
     Returns:
         the same ``model``, in train mode as it was before the call.
     """
@@ -377,7 +379,8 @@ def finetune(
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=lr if lr is not None else 0.1 * cfg.lr)
     was_training = model.training
     model.train()
-    dtype = next(model.parameters()).dtype
+    p0 = next(model.parameters())
+    dtype, device = p0.dtype, p0.device
     cache: dict = {}
     aug_cfg = DetectorConfig.from_dict({**cfg.to_dict(), "seed": seed})
     from tqdm.auto import tqdm
@@ -386,6 +389,7 @@ def finetune(
         for step in tqdm(range(steps), desc="finetune", unit="step", disable=not progress):
             idx = _batch_indices(seed, step, len(images), bs, cache)
             x, t = _batch(images, boxes, labels, idx, aug_cfg, step, augment, dtype)
+            x, t = x.to(device), t.to(device)
             loss, parts = compute_loss(model(x), t, cfg)
             if not torch.isfinite(loss):
                 raise DetectorTrainingError(f"fine-tuning diverged at step {step}: loss {float(loss.detach())}")

@@ -435,12 +435,12 @@ def _val_loss_and_grad(model, params: tuple[torch.Tensor, ...], val: ValSet, val
     from ..detect import detection_loss
 
     n = len(val.images)
-    dtype = params[0].dtype
+    dtype, device = params[0].dtype, params[0].device
     total = torch.zeros((), dtype=torch.float64)
     grads = [torch.zeros_like(p) for p in params]
     for s in range(0, n, batch):
-        x = _float_images(val.images[s:s + batch], dtype)
-        t = val_targets.index(slice(s, s + batch))
+        x = _float_images(val.images[s:s + batch], dtype).to(device)
+        t = val_targets.index(slice(s, s + batch)).to(device)
         loss = detection_loss(model, x, t, reduction="sum") / n
         gs = torch.autograd.grad(loss, params, allow_unused=True)
         for acc, g in zip(grads, gs):
@@ -537,8 +537,8 @@ def outer_step(
                            "train_loss": history[-1]["loss"] if history else None, "n_images": len(train.images)}
     t_img = time.perf_counter()
     if psi_optimizer is not None:
-        x = train.images.to(params[0].dtype)
-        targets = _targets(train.boxes, train.labels, x, dcfg, x.dtype)
+        x = train.images.to(device=params[0].device, dtype=params[0].dtype)
+        targets = _targets(train.boxes, train.labels, x, dcfg, x.dtype).to(x.device)
 
         def train_loss(_params, images):
             return detection_loss(detector, images, targets)
@@ -675,11 +675,11 @@ def _intrinsics_and_shift(target_cfg: Mapping[str, Any]) -> tuple[Intrinsics, fl
     return intr, float(target_cfg["max_shift"]) * intr.w
 
 
-def _pretrain(models, centres, dist, intr, max_shift, cfg: NeuralSimConfig, det_cfg, renderer, say):
+def _pretrain(models, centres, dist, intr, max_shift, cfg: NeuralSimConfig, det_cfg, renderer, say, device):
     from ..detect import DetectorConfig, build_detector, train_detector
 
     if cfg.pretrain_steps == 0:
-        return build_detector(det_cfg)
+        return build_detector(det_cfg).to(device)
     gen = _gen(cfg.seed, 1)
     samples = draw_samples(dist.space, dist.classes, cfg.pretrain_images_per_class, intr.w, max_shift, gen)
     train = render_training_set(models, centres, dist, samples, intr, cfg.temperature, renderer, cfg.relaxation)
@@ -687,10 +687,10 @@ def _pretrain(models, centres, dist, intr, max_shift, cfg: NeuralSimConfig, det_
         raise NeuralSimError("Neural-Sim warm start: no rendered sample shows its object; check the NeRFs and pose space")
     pre_cfg = DetectorConfig.from_dict({**det_cfg.to_dict(), "steps": cfg.pretrain_steps})
     say(f"warm start: detector trained {cfg.pretrain_steps} steps on {len(train.images)} images of the initial psi")
-    model = train_detector(train.images, train.boxes, train.labels, pre_cfg, progress=False)
+    model = train_detector(train.images, train.boxes, train.labels, pre_cfg, progress=False, device=device)
     # the config of the loop's detector is the run's, not the warm start's step count
     model.cfg = det_cfg
-    return model
+    return model.to(device)
 
 
 def optimize_distribution(
@@ -712,6 +712,7 @@ def optimize_distribution(
     max_iterations: int | None = None,
     on_iteration: Callable[[dict], None] | None = None,
     log_fn: Callable[[str], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[PoseDistribution, torch.nn.Module, list[dict]]:
     """Run Neural-Sim (or, with ``update_psi=False``, its control) and return ``(dist, detector, rows)``.
 
@@ -737,6 +738,8 @@ def optimize_distribution(
         max_iterations: stop after this many iterations in total (a checkpoint is written), e.g. to time-box.
         on_iteration: called with each new row (after it is logged).
         log_fn: one-line progress messages.
+        device: where the loop's detector trains (fine-tuning, validation gradient, inverse HVP, image
+            gradient); psi, the samples and the checkpoints stay on the CPU. The returned detector is on the CPU.
 
     Rows: ``iteration 0`` is the state before the loop (the warm-started detector's val loss/AP, the initial
     psi); row ``i`` holds the val loss/AP of the detector fine-tuned in iteration ``i`` on samples of
@@ -784,14 +787,14 @@ def optimize_distribution(
                                   f"({_describe_difference(ck.get(key), want)}); delete it to start over")
         dist.load_state_dict(ck["psi"])
         adam.load_state_dict(ck["psi_optimizer"])
-        detector = build_detector(detector_cfg)
+        detector = build_detector(detector_cfg).to(device)
         detector.load_state_dict(ck["detector"])
         generator.set_state(ck["generator"])
         rows = [dict(r) for r in ck["rows"]]
         start = int(ck["iteration"])
         say(f"resumed Neural-Sim from {ckpt} at iteration {start}/{cfg.iterations}")
     if detector is None:
-        detector = _pretrain(models, centres, dist, intr, max_shift, cfg, detector_cfg, renderer, say)
+        detector = _pretrain(models, centres, dist, intr, max_shift, cfg, detector_cfg, renderer, say, device)
     inner = torch.optim.AdamW(_param_groups(detector, detector_cfg.weight_decay), lr=cfg.inner_lr)
     if start > 0:
         inner.load_state_dict(ck["inner_optimizer"])
@@ -862,4 +865,4 @@ def optimize_distribution(
         bar.close()
     if start < stop or (ckpt is not None and not ckpt.exists()):
         save(stop)
-    return dist, detector.eval(), rows
+    return dist, detector.cpu().eval(), rows

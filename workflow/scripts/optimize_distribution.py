@@ -53,7 +53,7 @@ def optimize(sm):
     dist, _, rows = optimize_distribution(
         models, centres, space, ValSet(images, boxes, labels, coco), target, cfg, det_cfg, p.target,
         seed=cfg.seed + 1000 * int(p.run_seed), checkpoint_path=resume, log_tsv=log_tsv, update_psi=p.update_psi,
-        log_fn=log.info,
+        log_fn=log.info, device=device,
     )
     out = dist.to_dict()
     out["neuralsim"] = {
