@@ -245,6 +245,24 @@ def test_reset_detector_restarts_every_iteration_from_the_warm_start(disk_proble
     assert reset_rows[3]["val_loss"] != kept_rows[3]["val_loss"]  # then 3 steps from the start vs 9 in all
 
 
+def test_cosine_psi_lr_schedule_anneals_the_steps_and_still_descends(disk_problem):
+    """psi_lr_schedule cosine: psi_lr at the first iteration, falling to ~0 at the last (Adam's steps shrink with it,
+    the last one a tiny fraction of the first), and psi still moves toward the target."""
+    from instsim.neuralsim.loop import psi_lr_at
+
+    cfg = _cfg(psi_lr=0.2, psi_lr_schedule="cosine")
+    lrs = [psi_lr_at(cfg, t) for t in range(1, cfg.iterations + 1)]
+    assert lrs[0] == pytest.approx(0.2) and lrs[cfg.iterations // 2] == pytest.approx(0.1)
+    assert all(a > b > 0 for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.002
+    assert psi_lr_at(_cfg(psi_lr=0.2), 30) == 0.2  # constant: the default
+    _, _, rows = _run(disk_problem, cfg)
+    tv = [r["tv_to_target"] for r in rows]
+    assert tv[-1] <= 0.6 * tv[0], [round(t, 3) for t in tv]
+    step = [max(abs(rows[i][k] - rows[i - 1][k]) for k in rows[i] if k.startswith("p_disk_elevation"))
+            for i in range(1, len(rows))]
+    assert step[-1] < 0.05 * max(step[:5]), step
+
+
 @pytest.mark.parametrize("reset", [False, True])
 def test_resume_after_a_kill_gives_the_same_final_psi(disk_problem, tmp_path, reset):
     cfg = _cfg(iterations=6, images_per_class=8, inner_steps=2, eval_every=3, checkpoint_every=2, reset_detector=reset,
@@ -309,6 +327,7 @@ def test_config_from_dict_names_the_bad_key():
                      ({"inverse_hvp": {"kk": 3}}, "neuralsim.inverse_hvp.kk"), ({"learned": ["roll"]}, "neuralsim.learned"),
                      ({"temperature": 0}, "neuralsim.temperature"), ({"images_per_class": 2.5}, "neuralsim.images_per_class"),
                      ({"grad_clip": -1}, "neuralsim.grad_clip"), ({"learned": "azimuth"}, "neuralsim.learned"),
-                     ({"relaxation": "circular"}, "neuralsim.relaxation"), ({"reset_detector": 1}, "neuralsim.reset_detector")):
+                     ({"relaxation": "circular"}, "neuralsim.relaxation"), ({"reset_detector": 1}, "neuralsim.reset_detector"),
+                     ({"psi_lr_schedule": "linear"}, "neuralsim.psi_lr_schedule")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             NeuralSimConfig.from_dict(bad)

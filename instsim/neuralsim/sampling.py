@@ -31,8 +31,10 @@ Relaxations (``relaxation=``):
   so ``d value / d w ~ 1/R`` is heavy-tailed.
 * ``"straight_through"`` (``hard=True``): forward the one-hot ``argmax(l + g)`` weights (the rendered pose is
   exactly the hard sampler's: that bin's centre plus jitter), backward the soft weights' gradient of the
-  formula above. The temperature then shapes only the gradient: measured on the default run's NeRFs,
-  tau = 1 gave the most consistent direction, tau = 0.2 none (README, Neural-Sim section).
+  formula above. The temperature then shapes only the gradient: measured on the default run's NeRFs, the
+  direction's consistency rose from tau = 0.2 (none) to tau = 1, and the loop learned best at tau = 2 (the
+  default; README, Neural-Sim section): the higher tau, the less the soft weights that scale each logit's
+  gradient depend on the Gumbel noise and on the current probabilities.
 * ``"neighbour"``: interpolation between the Gumbel-max bin ``k`` and its two neighbours only::
 
       value = c_k + (j - 0.5) * width + width * (w_{k+1} - w_{k-1}) / (w_{k-1} + w_k + w_{k+1})
