@@ -296,7 +296,6 @@ def _train(
         py = (rand(n_rays) * h).long().clamp_(max=h - 1)
         jitter = rand(n_rays)
         bg = rand(n_rays, 3)
-        img, px, py, jitter, bg = (x.to(device) for x in (img, px, py, jitter, bg))
         uv = torch.stack([px, py], dim=-1).float()[:, None, :] + 0.5  # pixel centres, (n, 1, 2)
         rays_o, rays_d = get_rays(poses[img], intr, uv)
         o = norm.to_nerf(rays_o[:, 0])
