@@ -8,7 +8,8 @@ Usage (checkpoints from ``bench_nerf_train.py --workdir DIR``)::
 Inference: full ``--size`` x ``--size`` frames at ``--poses`` poses on a ring (elevation 20 degrees, the training
 camera distance), median wall time over ``--repeat`` runs after one warm-up, synchronised. Pose gradient:
 ``--grad-rays`` random pixels spread over the same poses, ``render(..., requires_grad=True)`` then
-``backward`` of a weighted sum of colour and opacity to the azimuths; median time of forward + backward.
+``backward`` of a weighted sum of colour and opacity to the azimuths; median time of forward + backward, with
+the NeRF's weights frozen as Neural-Sim renders them (``--weights-grad``: their gradients computed too).
 The two backends' frames are compared (PSNR of one against the other) so a speed-up cannot hide a wrong image.
 """
 
@@ -45,10 +46,22 @@ def _timed(fn, repeat: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def _as_backend(model: InstantNerf, name: str) -> InstantNerf:
+def _profile(fn, name: str, rows: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    for key in ("cuda_time_total", "cpu_time_total"):
+        print(f"[render] {name} pose-gradient step x3, by {key}:")
+        print(prof.key_averages().table(sort_by=key, row_limit=rows), flush=True)
+
+
+def _as_backend(model: InstantNerf, name: str, weights_grad: bool) -> InstantNerf:
     other = InstantNerf(model.cfg.replace(backend=name), model.normalization).cuda()
     other.load_state_dict(model.state_dict())
-    return other.eval()
+    return other.eval().requires_grad_(weights_grad)
 
 
 def main(argv=None) -> int:
@@ -61,6 +74,9 @@ def main(argv=None) -> int:
     ap.add_argument("--grad-rays", type=int, default=2**18)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--backends", nargs="*", default=["torch", "cuda"])
+    ap.add_argument("--weights-grad", action="store_true", help="also compute the NeRF weights' gradients")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="print torch.profiler tables (ROWS rows) of each backend's pose-gradient step")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
@@ -78,7 +94,7 @@ def main(argv=None) -> int:
 
     results, frames = {}, {}
     for name in args.backends:
-        model = _as_backend(base, name)
+        model = _as_backend(base, name, args.weights_grad)
         t_frame, out = _timed(lambda: render(model, poses, intr, background="white"), args.repeat)
         frames[name] = out["rgb"].clamp(0, 1)
 
@@ -89,6 +105,8 @@ def main(argv=None) -> int:
             return a.grad
 
         t_grad, g = _timed(grad_step, args.repeat)
+        if args.profile:
+            _profile(grad_step, name, args.profile)
         results[name] = {
             "frames_per_s": args.poses / t_frame,
             "s_per_frame": t_frame / args.poses,
@@ -109,6 +127,7 @@ def main(argv=None) -> int:
         "image_size": args.size,
         "poses": args.poses,
         "grad_rays": args.grad_rays,
+        "weights_grad": args.weights_grad,
         "repeat": args.repeat,
         "backends": results,
     }

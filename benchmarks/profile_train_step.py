@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warm", type=int, default=200)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--rays", type=int, default=0, help="fixed rays per step, as torch-ngp (0: the preset's sample budget)")
     args = ap.parse_args(argv)
 
     train, _test, tf = procedural_views("fist", args.size, 100, 1, "cuda")
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="profile_nerf_"))
     total = args.warm + args.steps
     cfg = NerfConfig.paper(device="cuda", backend=args.backend, steps=total, log_every=10**6, checkpoint_every=10**6)
+    if args.rays:
+        cfg = cfg.replace(batch_rays=args.rays, batch_samples=0)
     train_nerf(train, info, cfg, work / "nerf.pt", work / "log.tsv", progress=False, max_steps=args.warm)
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
         train_nerf(train, info, cfg, work / "nerf.pt", work / "log.tsv", progress=False)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    print(f"[profile] {args.backend}: {args.steps} steps in {wall:.3f} s ({1000 * wall / args.steps:.2f} ms/step, "
+    print(f"[profile] {args.backend}, rays per step {args.rays or 'adaptive'}: {args.steps} steps in {wall:.3f} s ({1000 * wall / args.steps:.2f} ms/step, "
           "including the resume from the checkpoint)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows))

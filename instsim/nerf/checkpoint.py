@@ -195,7 +195,9 @@ def load_checkpoint(
         device: where the model goes.
 
     ``meta`` holds ``format_version``, ``step``, ``config``, ``normalization``, ``intrinsics``
-    (:class:`Intrinsics` dict) and ``train``. The model is in eval mode.
+    (:class:`Intrinsics` dict) and ``train``. The model is in eval mode and its weights are frozen
+    (``requires_grad`` off): a render with ``requires_grad=True`` then differentiates to the camera poses only,
+    without computing the hash table's and MLPs' gradients nobody reads (``requires_grad_(True)`` to fine-tune).
     """
     state = read_checkpoint(path)
     meta = checkpoint_meta(state)
@@ -215,4 +217,5 @@ def load_checkpoint(
     model.to(device)
     model.occupancy.refresh()
     model.eval()
+    model.requires_grad_(False)
     return model, meta

@@ -178,6 +178,11 @@ def _empty_result(rays_o: torch.Tensor, n_rays: int, out_dtype: torch.dtype) -> 
     return {"rgb": z[:, None].expand(n_rays, 3).clone(), "opacity": z, "depth": z.clone(), "n_samples": 0, "n_evals": 0}
 
 
+def _at_samples(rays_o: torch.Tensor, rays_d: torch.Tensor, ray: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    # index_select, not rays_o[ray]: its backward is an index_add, where advanced indexing's sorts the indices
+    return rays_o.index_select(0, ray) + t[:, None].to(rays_o.dtype) * rays_d.index_select(0, ray)
+
+
 def render_rays_packed(
     model, rays_o: torch.Tensor, rays_d: torch.Tensor, *, jitter: torch.Tensor | None = None, prune: bool = True
 ) -> dict:
@@ -202,7 +207,7 @@ def render_rays_packed(
         return _empty_result(rays_o, n_rays, out_dtype)
     if prune:
         with torch.no_grad():
-            sigma0 = model.density(rays_o.detach()[ray] + t[:, None].to(rays_o.dtype) * rays_d.detach()[ray])[0]
+            sigma0 = model.density(_at_samples(rays_o.detach(), rays_d.detach(), ray, t))[0]
             # colour does not change where a ray stops: composite the densities alone
             used = composite(sigma0.float(), torch.zeros(n_evals, 3, device=t.device), t, starts, counts, dt, min_t)["n_used"]
             rank = torch.arange(n_evals, device=t.device) - starts[ray]
@@ -213,9 +218,9 @@ def render_rays_packed(
             counts = used
         n_evals = int(ray.numel())
     tt = t.to(rays_o.dtype)
-    pts = rays_o[ray] + tt[:, None] * rays_d[ray]
-    sigma, geo = model.density(pts)
-    rgb = model.color(rays_d[ray], geo)
+    dirs = rays_d.index_select(0, ray)
+    sigma, geo = model.density(rays_o.index_select(0, ray) + tt[:, None] * dirs)
+    rgb = model.color(dirs, geo)
     out = composite(sigma.to(out_dtype), rgb.to(out_dtype), tt.to(out_dtype), starts, counts, dt, min_t)
     return {
         "rgb": out["rgb"],

@@ -45,7 +45,7 @@ def validate_checkpoint(
     comparison_dir: str | Path | None = None,
     expect: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
-    chunk: int = 2**15,
+    chunk: int | None = None,
 ) -> dict[str, Any]:
     """Render every test view and compare it with the ground truth.
 

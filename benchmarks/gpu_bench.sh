@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The CUDA-kernel benchmarks of README "Running on a GPU", on one GPU, in one call. Each part writes its JSON
+# and log under $OUT (default ./gpu_bench_out); copy the JSON to benchmarks/results/ to commit it.
+#
+#   bash benchmarks/gpu_bench.sh [part ...]     # parts: train800 torch800 render train128 (default: all four)
+#
+# train800: 800x800/100 views, paper sizes, 1500 steps, the three hands, CUDA kernels (time to 30/33 dB, rays/s)
+# torch800: the same scene on the PyTorch path, 600 steps (the baseline of the ratios; one hand)
+# render:   inference frames/s at 800x800 and pose-gradient rays/s, both backends, on train800's fist
+# train128: torch-ngp's form: 128x128/100 views, 4096 rays per step, 3000 steps
+# Test PSNR is evaluated every log step (100; train128: 500), outside the timed training.
+set -uo pipefail
+cd "$(dirname "$0")"
+out="${OUT:-gpu_bench_out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(train800 torch800 render train128)
+work="${TMPDIR:-/tmp}/instsim_gpu_bench"
+for part in "${parts[@]}"; do
+    start=$(date +%s)
+    case "$part" in  # each part time-boxed (PART_TIMEOUT s; SIGABRT prints where it was): a stuck part must not cost the others
+        train800) timeout -s ABRT -k 5 "${PART_TIMEOUT:-240}" python3 -X faulthandler bench_nerf_train.py --device cuda --size 800 --workdir "$work/k800" \
+                      --out "$out/nerf_train_cuda_kernels.json" ;;
+        torch800) timeout -s ABRT -k 5 "${PART_TIMEOUT:-240}" python3 -X faulthandler bench_nerf_train.py --device cuda --size 800 --gestures fist \
+                      --set backend=torch steps=600 --workdir "$work/t800" --out "$out/nerf_train_cuda_torchpath.json" ;;
+        render)   timeout -s ABRT -k 5 "${PART_TIMEOUT:-240}" python3 -X faulthandler bench_render.py "$work/k800/fist/nerf.pt" --size 800 --profile 25 \
+                      --out "$out/render_cuda.json" ;;
+        train128) timeout -s ABRT -k 5 "${PART_TIMEOUT:-240}" python3 -X faulthandler bench_nerf_train.py --device cuda --size 128 --eval-every 500 \
+                      --set steps=3000 batch_rays=4096 batch_samples=0 --workdir "$work/k128" \
+                      --out "$out/nerf_train_128px_4096rays.json" ;;
+        *) echo "unknown part $part" >&2; exit 2 ;;
+    esac > "$out/$part.log" 2>&1
+    echo "$part: exit $? after $(( $(date +%s) - start )) s"
+    grep -E "^\[(bench|render)|Error" "$out/$part.log" | grep -v "pose-gradient step x3" | tail -8
+done
