@@ -268,24 +268,6 @@ def _train(
             train={"elapsed_s": elapsed, "rays_per_batch": n_rays, "samples_per_ray_ema": spr},
         )
 
-    pending: tuple[int, torch.Tensor] | None = None  # (step, loss) not yet checked for finiteness
-
-    def check_loss() -> float:
-        """The pending step's loss as a float; raises if it is not finite (before any checkpoint is written)."""
-        nonlocal pending
-        if pending is None:
-            return float("nan")
-        at, value = pending[0], float(pending[1])
-        pending = None
-        if not math.isfinite(value):
-            if bar is not None:
-                bar.close()
-            raise InstsimError(
-                f"NeRF training diverged: loss is {value} at step {at}. The last good checkpoint "
-                f"({state_path if state_path.is_file() else 'none written yet'}) is kept; lower nerf.lr or check the data"
-            )
-        return value
-
     bar = None
     if progress and stop > start:
         from tqdm.auto import tqdm
@@ -324,14 +306,18 @@ def _train(
         pred = out["rgb"] + (1.0 - out["opacity"])[:, None] * bg
         mse = torch.mean((pred - target) ** 2)
         loss = mse if cfg.loss == "l2" else torch.nn.functional.smooth_l1_loss(pred, target, beta=0.1)
-        # the previous step's loss: reading it here costs no wait (the march above synchronized), where reading
-        # this step's would stall the GPU before the backward pass is queued
-        check_loss()
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            if bar is not None:
+                bar.close()
+            raise InstsimError(
+                f"NeRF training diverged: loss is {loss_value} at step {step}. The last good checkpoint "
+                f"({state_path if state_path.is_file() else 'none written yet'}) is kept; lower nerf.lr or check the data"
+            )
         opt.zero_grad(set_to_none=True)
         if loss.requires_grad:  # no sample on any ray (an empty grid) leaves nothing to learn this step
             loss.backward()
             opt.step()
-        pending = (step, loss.detach())
 
         # adapt the rays per step to the sample budget (EMA of samples per ray)
         n_eval = int(out["n_evals"])
@@ -344,7 +330,6 @@ def _train(
 
         done = step + 1
         if done % cfg.log_every == 0 or done == stop:
-            loss_value = check_loss()
             now = time.perf_counter()
             psnr = -10.0 * math.log10(max(float(mse.detach()), 1e-10))
             last = {
@@ -372,9 +357,7 @@ def _train(
         if bar is not None:
             bar.update(1)
         if done % cfg.checkpoint_every == 0 and done < stop:
-            check_loss()
             checkpoint(done, prior_time + time.perf_counter() - t_start, state_path)
-    check_loss()
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t_start
