@@ -320,6 +320,10 @@ def test_checkpoint_round_trip(trained, tiny):
     assert torch.equal(again.occupancy.occupied, model.occupancy.occupied)
     a = render(model, test.poses[0], test.intrinsics)["rgb"]
     b = render(again, test.poses[0], test.intrinsics)["rgb"]
+    # loaded weights are frozen: a pose-gradient render reaches the pose and leaves the weights without .grad
+    pose = test.poses[0].clone().requires_grad_(True)
+    render(again, pose, test.intrinsics, uv=torch.tensor([[32.0, 32.0], [30.5, 33.5]]))["opacity"].sum().backward()
+    assert pose.grad is not None and all(p.grad is None and not p.requires_grad for p in again.parameters())
     assert torch.equal(a, b)
 
 
