@@ -303,7 +303,8 @@ def render(
         d = rays_d.reshape(-1, 3)
         parts: dict[str, list[torch.Tensor]] = {"rgb": [], "opacity": [], "depth": []}
         if model.uses_cuda_kernels:
-            # the compacting inference loop wants many rays at once; its memory grows with its step budget only
+            # each pass costs ~130 kernel launches and two host syncs whatever its size, so passes are large: the
+            # inference loop's memory grows with its step budget only, a pass with gradients' ~1 KB per sample
             chunk = max(chunk or 0, 2**18 if grad else 2**21)
         chunk = chunk or 2**15
         for s in range(0, o.shape[0], chunk):

@@ -57,6 +57,7 @@ def validate_checkpoint(
         min_psnr: ``passed`` is ``psnr >= min_psnr`` (mean over views); None: always passed.
         comparison_dir: if given, ``<file stem>.png`` strips (gt | render | error) are written there.
         device: where the model runs.
+        chunk: rays per render pass (None: :func:`~instsim.nerf.rendering.render`'s default for the backend).
 
     Returns:
         ``psnr`` and ``ssim`` (means over views, dB and [-1, 1]), ``mask_iou`` (mean, opacity vs alpha at 0.5),
