@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from instsim.cameras import Intrinsics, sample_sphere_poses  # noqa: E402
-from instsim.intrinsics import extract_intrinsics  # noqa: E402
+from instsim.stages.intrinsics import extract_intrinsics  # noqa: E402
 from instsim.io import write_json  # noqa: E402
 from instsim.nerf.config import NerfConfig  # noqa: E402
 from instsim.nerf.metrics import composite_rgba, psnr  # noqa: E402
@@ -60,7 +60,7 @@ def procedural_views(
     """Train/test :class:`Views` and a :class:`Transforms` of a hand gesture, rendered like ``generate_dataset``."""
     import yaml
 
-    from instsim.datasets import class_seed
+    from instsim.seeds import class_seed
     from instsim.scene import make_hand, render_scene
 
     ds = yaml.safe_load((REPO / "config.yaml").read_text())["dataset"]

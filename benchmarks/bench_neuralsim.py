@@ -27,10 +27,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from instsim.cameras import PoseSpace  # noqa: E402
-from instsim.config import resolve_device  # noqa: E402
+from instsim.stages.config import resolve_device  # noqa: E402
 from instsim.io import read_json  # noqa: E402
 from instsim.neuralsim.loop import NeuralSimConfig, ValSet, optimize_distribution  # noqa: E402
-from instsim.strategies import detector_config, load_class_nerfs, load_coco_images  # noqa: E402
+from instsim.stages.strategies import detector_config, load_class_nerfs, load_coco_images  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

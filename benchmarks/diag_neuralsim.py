@@ -45,8 +45,8 @@ from instsim.neuralsim.loop import (
     _val_loss_and_grad,
     outer_step,
 )
-from instsim.strategies import detector_config, load_class_nerfs, load_coco_images
-from instsim.synth import make_synthetic_set
+from instsim.stages.strategies import detector_config, load_class_nerfs, load_coco_images
+from instsim.synthesis import make_synthetic_set
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ def measure_hypergrad(ctx, warm, ns: NeuralSimConfig, draws: int, seed: int) -> 
     ns = NeuralSimConfig.from_dict({**ns.to_dict(), "inner_steps": 0, "grad_clip": 0.0, "learned": ["azimuth"]})
     space = ctx["space"]
     intr_size = ctx["cfg"]["target"]["image_size"]
-    from instsim.synth import detection_intrinsics
+    from instsim.synthesis import detection_intrinsics
     intr = detection_intrinsics(ctx["cfg"]["target"])
     gen = _gen(seed, 99)
     per = []

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_nerf_train import procedural_views  # noqa: E402
 
-from instsim.intrinsics import extract_intrinsics  # noqa: E402
+from instsim.stages.intrinsics import extract_intrinsics  # noqa: E402
 from instsim.nerf.config import NerfConfig  # noqa: E402
 from instsim.nerf.train import train_nerf  # noqa: E402
 

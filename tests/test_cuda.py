@@ -269,7 +269,7 @@ def test_pose_gradient_matches_finite_differences_float64():
 
 @needs_gpu
 def test_training_reaches_the_same_psnr_on_both_backends(tmp_path):
-    from instsim.intrinsics import extract_intrinsics
+    from instsim.stages.intrinsics import extract_intrinsics
     from instsim.nerf.train import train_nerf
     from instsim.nerf.validate import validate_checkpoint
     from instsim.transforms import load_views

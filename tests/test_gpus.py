@@ -16,7 +16,7 @@ import yte
 
 from conftest import REPO
 from instsim import gpus
-from instsim.stage import run_stage
+from instsim.stages.runner import run_stage
 
 # A process that claims a GPU out of `sys.argv[1]` fake ones, prints what it got, then holds it until the
 # file `sys.argv[2]` exists (or forever when that is "-").

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from instsim.cameras import Intrinsics, pose_from_spherical
 from instsim.errors import InputError, InstsimError
-from instsim.intrinsics import extract_intrinsics
+from instsim.stages.intrinsics import extract_intrinsics
 from instsim.nerf.checkpoint import FORMAT_VERSION, load_checkpoint, read_checkpoint, save_checkpoint
 from instsim.nerf.config import NerfConfig, resolve_max_res
 from instsim.nerf.encoding import HASH_PRIMES, HashEncoding, _HashInterp, sh_encode

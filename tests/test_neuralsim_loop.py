@@ -150,7 +150,7 @@ def make_disk_problem():
     Returns ``(models, centres, val)``; also used by tests/reliability's kill-and-resume worker."""
     centres = {"disk": torch.tensor([0.1, -0.1, 0.0])}
     models = {"disk": Disk(centres["disk"])}
-    from instsim.synth import detection_intrinsics
+    from instsim.synthesis import detection_intrinsics
 
     intr = detection_intrinsics(TARGET_CFG)
     target = PoseDistribution(SPACE, ["disk"], learned=["elevation"], init={"disk": TARGET})

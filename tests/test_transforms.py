@@ -7,7 +7,7 @@ import torch
 
 from instsim.cameras import Intrinsics
 from instsim.errors import InputError
-from instsim.intrinsics import extract_intrinsics
+from instsim.stages.intrinsics import extract_intrinsics
 from instsim.transforms import load_views, read_transforms, write_transforms
 
 from conftest import BLENDERNERF_TINY

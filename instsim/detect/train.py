@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..io import load_torch, save_torch
 from ..errors import ConfigError, InputError, InstsimError
+from ..seeds import generator
 from .config import DetectorConfig, steps_per_epoch
 from .decode import as_float_images
 from .loss import compute_loss
@@ -62,13 +63,8 @@ def lr_at(step: int, total_steps: int, cfg: DetectorConfig) -> float:
     return lo + 0.5 * (cfg.lr - lo) * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
-def _gen(*keys: int) -> torch.Generator:
-    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed)
-
-
 def _epoch_perm(seed: int, epoch: int, n: int) -> torch.Tensor:
-    return torch.randperm(n, generator=_gen(seed, 1, epoch))
+    return torch.randperm(n, generator=generator(seed, 1, epoch))
 
 
 def _batch_indices(seed: int, step: int, n: int, batch_size: int, cache: dict) -> torch.Tensor:
@@ -145,7 +141,7 @@ def _check_data(images: torch.Tensor, boxes: Sequence, labels: Sequence, cfg: De
         raise ValueError(f"image size {(H, W)} must be divisible by the stride {cfg.stride}")
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() <= 1 else decay).append(p)  # no decay on biases and GroupNorm affine params
@@ -202,7 +198,7 @@ def _batch(images, boxes, labels, idx, cfg, step, aug: bool, dtype):
     bx = [boxes[i] for i in idx.tolist()]
     lb = [labels[i] for i in idx.tolist()]
     if aug:
-        x, bx = augment_batch(x, bx, cfg, _gen(cfg.seed, 2, step))
+        x, bx = augment_batch(x, bx, cfg, generator(cfg.seed, 2, step))
     t = encode_targets(bx, lb, tuple(x.shape[2:]), cfg.num_classes, cfg.stride, cfg.min_overlap, dtype=dtype)
     return x, t
 
@@ -267,7 +263,7 @@ def train_detector(
     stop = total if max_steps is None else max(0, min(total, int(max_steps)))
     device = torch.device(device)
     model = build_detector(cfg).to(device)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     fingerprint = data_fingerprint(images, boxes, labels) if checkpoint_path is not None else None
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     start = 0
@@ -376,7 +372,7 @@ def finetune(
     _check_data(images, boxes, labels, cfg)
     bs = min(batch_size or cfg.batch_size, len(images))
     if optimizer is None:
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=lr if lr is not None else 0.1 * cfg.lr)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr if lr is not None else 0.1 * cfg.lr)
     was_training = model.training
     model.train()
     p0 = next(model.parameters())

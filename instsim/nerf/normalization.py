@@ -4,7 +4,7 @@ The NeRF models the cube ``[-1, 1]^3`` ("NeRF units"). :class:`SceneNormalizatio
 half-size ``bound`` about ``centre`` onto it: ``x_nerf = (x_world - centre) * scale`` with
 ``scale = 1 / bound``. Scaling is isotropic, so unit ray directions stay unit and a NeRF-unit distance is
 ``scale`` times the world distance. ``centre`` and ``bound`` come from
-:func:`instsim.intrinsics.extract_intrinsics` (look-at point of the cameras and the frustum-intersection
+:func:`instsim.stages.intrinsics.extract_intrinsics` (look-at point of the cameras and the frustum-intersection
 cube); they are stored with every checkpoint so a model is never used under another normalization.
 """
 
@@ -48,7 +48,7 @@ class SceneNormalization:
 
     @classmethod
     def from_intrinsics(cls, info: Mapping[str, Any], source: str | None = None) -> "SceneNormalization":
-        """From the dict of :func:`~instsim.intrinsics.extract_intrinsics`: its ``centre`` and ``scene.bound``."""
+        """From the dict of :func:`~instsim.stages.intrinsics.extract_intrinsics`: its ``centre`` and ``scene.bound``."""
         src = source or info.get("source")
         try:
             centre = [float(c) for c in info["centre"]]

@@ -45,11 +45,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..backgrounds import boxes_from_alpha, random_backgrounds
+from ..scene.backgrounds import boxes_from_alpha, random_backgrounds
 from ..cameras import Intrinsics, PoseSpace
 from ..errors import ConfigError, InputError, InstsimError
 from ..config_fields import FieldChecks, is_int, is_number
 from ..io import load_torch, save_torch
+from ..seeds import derive_seed, generator
 from .distribution import PoseDistribution
 from .implicit import implicit_image_grad, inverse_hvp, make_hvp
 from .sampling import RELAXATIONS, RelaxedSample, draw_noise, relaxed_poses
@@ -76,11 +77,11 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "instsim-neuralsim-v1"
 
-#: opacity above which a rendered pixel counts as object for its box (as :data:`instsim.synth.BOX_OPACITY`)
+#: opacity above which a rendered pixel counts as object for its box (as :data:`instsim.synthesis.BOX_OPACITY`)
 BOX_OPACITY = 0.5
 
 #: ``(model, c2w (n, 4, 4), intrinsics, shifts (n, 2), requires_grad) -> (n, H, W, 4)`` premultiplied rgb +
-#: opacity; the default is :func:`instsim.synth.render_posed` (the NeRF).
+#: opacity; the default is :func:`instsim.synthesis.render_posed` (the NeRF).
 Renderer = Callable[[Any, torch.Tensor, Intrinsics, torch.Tensor, bool], torch.Tensor]
 
 
@@ -305,7 +306,7 @@ def draw_samples(
 
 
 def _default_renderer(model, c2w, intr, shifts, requires_grad):
-    from ..synth import render_posed
+    from ..synthesis import render_posed
 
     return render_posed(model, c2w, intr, shifts, requires_grad=requires_grad)
 
@@ -341,7 +342,7 @@ def render_relaxed(
         model: the class's NeRF (or anything ``renderer`` takes).
         centre: ``(3,)`` world point the cameras look at.
         requires_grad: build the graph from the images back to ``dist``'s logits (through the renderer).
-        renderer: see :data:`Renderer`; default the NeRF (:func:`instsim.synth.render_posed`).
+        renderer: see :data:`Renderer`; default the NeRF (:func:`instsim.synthesis.render_posed`).
         relaxation: see :func:`~instsim.neuralsim.sampling.relaxed_pose_values`.
 
     Returns:
@@ -492,15 +493,6 @@ def _all_finite(vec: Sequence[torch.Tensor]) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _gen(*keys: int) -> torch.Generator:
-    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed)
-
-
-def _seed(*keys: int) -> int:
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 2)
-
-
 def outer_step(
     *,
     iteration: int,
@@ -545,7 +537,7 @@ def outer_step(
                              "shows its object (empty renders); check the NeRFs and the pose space")
     history: list[dict] = []
     finetune(detector, train.images, train.boxes, train.labels, cfg.inner_steps, batch_size=cfg.inner_batch_size,
-             seed=_seed(cfg.seed, 3, iteration), augment=False, optimizer=inner_optimizer, history=history)
+             seed=derive_seed(cfg.seed, 3, iteration), augment=False, optimizer=inner_optimizer, history=history)
     detector.eval()
     params = tuple(p for p in detector.parameters() if p.requires_grad)
     val_loss, v = _val_loss_and_grad(detector, params, val, val_targets)
@@ -688,7 +680,7 @@ def _read_checkpoint(path: Path) -> dict:
 
 
 def _intrinsics_and_shift(target_cfg: Mapping[str, Any]) -> tuple[Intrinsics, float]:
-    from ..synth import detection_intrinsics
+    from ..synthesis import detection_intrinsics
 
     intr = detection_intrinsics(target_cfg)
     return intr, float(target_cfg["max_shift"]) * intr.w
@@ -699,7 +691,7 @@ def _pretrain(models, centres, dist, intr, max_shift, cfg: NeuralSimConfig, det_
 
     if cfg.pretrain_steps == 0:
         return build_detector(det_cfg).to(device)
-    gen = _gen(cfg.seed, 1)
+    gen = generator(cfg.seed, 1)
     samples = draw_samples(dist.space, dist.classes, cfg.pretrain_images_per_class, intr.w, max_shift, gen)
     train = render_training_set(models, centres, dist, samples, intr, cfg.temperature, renderer, cfg.relaxation)
     if len(train.images) == 0:
@@ -765,7 +757,7 @@ def optimize_distribution(
     ``psi_{i-1}``, the hypergradient norm at ``psi_{i-1}``, and the probabilities and TV of ``psi_i``.
     """
     from ..detect import build_detector
-    from ..detect.train import _param_groups
+    from ..detect.train import param_groups
 
     say = log_fn or (lambda msg: log.info("%s", msg))
     if seed is not None:
@@ -787,7 +779,7 @@ def optimize_distribution(
 
     dist = PoseDistribution(space, classes, learned=cfg.learned, init=init)
     adam = torch.optim.Adam(dist.parameters(), lr=cfg.psi_lr)
-    generator = _gen(cfg.seed, 2)
+    sample_gen = generator(cfg.seed, 2)
     val_targets = _targets(val_set.boxes, val_set.labels, val_set.images, detector_cfg, torch.float32)
     fingerprint = _fingerprint(val_set, classes, space, tprobs)
     columns = trajectory_columns(dist)
@@ -808,13 +800,13 @@ def optimize_distribution(
         adam.load_state_dict(ck["psi_optimizer"])
         detector = build_detector(detector_cfg).to(device)
         detector.load_state_dict(ck["detector"])
-        generator.set_state(ck["generator"])
+        sample_gen.set_state(ck["generator"])
         rows = [dict(r) for r in ck["rows"]]
         start = int(ck["iteration"])
         say(f"resumed Neural-Sim from {ckpt} at iteration {start}/{cfg.iterations}")
     if detector is None:
         detector = _pretrain(models, centres, dist, intr, max_shift, cfg, detector_cfg, renderer, say, device)
-    inner = torch.optim.AdamW(_param_groups(detector, detector_cfg.weight_decay), lr=cfg.inner_lr)
+    inner = torch.optim.AdamW(param_groups(detector, detector_cfg.weight_decay), lr=cfg.inner_lr)
     if start > 0:
         inner.load_state_dict(ck["inner_optimizer"])
     # the detector every iteration restarts from with reset_detector (kept in the checkpoint for a resume)
@@ -835,7 +827,7 @@ def optimize_distribution(
             return
         save_torch({"format": CHECKPOINT_FORMAT, **identity, "iteration": iteration, "psi": dist.state_dict(),
                     "psi_optimizer": adam.state_dict(), "detector": detector.state_dict(),
-                    "inner_optimizer": inner.state_dict(), "generator": generator.get_state(), "rows": rows,
+                    "inner_optimizer": inner.state_dict(), "generator": sample_gen.get_state(), "rows": rows,
                     **({"warm_detector": warm} if warm is not None else {})}, ckpt)
         last_saved = iteration
 
@@ -857,12 +849,12 @@ def optimize_distribution(
                 group["lr"] = psi_lr_at(cfg, it)
             if warm is not None:
                 detector.load_state_dict(warm)
-                inner = torch.optim.AdamW(_param_groups(detector, detector_cfg.weight_decay), lr=cfg.inner_lr)
+                inner = torch.optim.AdamW(param_groups(detector, detector_cfg.weight_decay), lr=cfg.inner_lr)
             try:
                 row = outer_step(iteration=it, models=models, centres=centres, dist=dist,
                                  psi_optimizer=adam if update_psi else None, detector=detector, inner_optimizer=inner,
                                  val=val_set, val_targets=val_targets, intr=intr, max_shift=max_shift,
-                                 generator=generator, cfg=cfg,
+                                 generator=sample_gen, cfg=cfg,
                                  compute_ap=(it % cfg.eval_every == 0) or it == cfg.iterations or it == 1,
                                  target_probs=tprobs, renderer=renderer)
             except InstsimError as e:  # NeuralSimError, or the fine-tune's DetectorTrainingError

@@ -4,8 +4,8 @@ user must be told.
 A :class:`Case` sets up its broken input under a scratch folder and runs its entry point:
 
 * ``stage``: the real ``workflow/scripts/<rule>.py`` in-process with a fake ``snakemake`` object
-  (:mod:`reliability_stage`), so :func:`instsim.stage.run_stage` turns the error into its exit status and log;
-* ``library``: a library entry point wrapped in :func:`instsim.stage.run_stage`, for stages whose script
+  (:mod:`reliability_stage`), so :func:`instsim.stages.runner.run_stage` turns the error into its exit status and log;
+* ``library``: a library entry point wrapped in :func:`instsim.stages.runner.run_stage`, for stages whose script
   needs far more set-up than the fault (the detector's training data come from NeRF renders);
 * ``snakemake``: a real ``snakemake`` process on ``configs/tiny.yaml`` with one key changed, where Snakemake's
   own behaviour is the point (config validation before any job, a failed job's outputs removed).
@@ -150,7 +150,7 @@ def _missing_folder(tmp: Path) -> Outcome:
 
 
 def _intrinsics(tmp: Path) -> Path:
-    from instsim.intrinsics import extract_intrinsics
+    from instsim.stages.intrinsics import extract_intrinsics
     from instsim.io import write_json
 
     path = tmp / "results" / "data" / "shapes" / "intrinsics.json"
@@ -160,7 +160,7 @@ def _intrinsics(tmp: Path) -> Path:
 
 def _one_step_nerf(path: Path, **settings) -> None:
     """A NeRF checkpoint of the fixture after one training step (finished: ``steps=1``)."""
-    from instsim.intrinsics import extract_intrinsics
+    from instsim.stages.intrinsics import extract_intrinsics
     from instsim.nerf.config import NerfConfig
     from instsim.nerf.train import train_nerf
     from instsim.transforms import load_views
@@ -288,8 +288,8 @@ def _foreign_detector(model: Path, annotations: Path, images: Path) -> None:
 
 
 def _library(tmp: Path, rule: str, body: Callable[[], None], outputs: list[Path]) -> Outcome:
-    """Run ``body`` the way a stage script does (:func:`instsim.stage.run_stage`): exit 1 on InstsimError."""
-    from instsim.stage import run_stage
+    """Run ``body`` the way a stage script does (:func:`instsim.stages.runner.run_stage`): exit 1 on InstsimError."""
+    from instsim.stages.runner import run_stage
 
     sm = FakeSnakemake(rule=rule, log=Named(tmp / "logs" / f"{rule}.log"), output=Named(*outputs))
     code = 0

@@ -2,7 +2,7 @@
 
 Snakemake runs a ``script:`` with a global ``snakemake`` object (``input``, ``output``, ``params``, ``log``,
 ``wildcards``, ``resources``, ``threads``, ``rule``). :class:`FakeSnakemake` provides the parts the instsim scripts use, so
-a stage's real code path (its :func:`~instsim.stage.run_stage` wrapper included) runs in-process in well
+a stage's real code path (its :func:`~instsim.stages.runner.run_stage` wrapper included) runs in-process in well
 under a second, and a test sees its exit status, its log and the files it left behind.
 """
 

@@ -196,7 +196,7 @@ def test_fault_nerf_inf_gradient(tmp_path, monkeypatch):
     The checkpoint due at that step must not be written over the last good one."""
     from conftest import BLENDERNERF_TINY
     from instsim.errors import InstsimError
-    from instsim.intrinsics import extract_intrinsics
+    from instsim.stages.intrinsics import extract_intrinsics
     from instsim.nerf.config import NerfConfig
     from instsim.nerf.train import train_nerf
     from instsim.transforms import load_views

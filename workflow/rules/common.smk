@@ -4,7 +4,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from instsim.config import NERF_WORKFLOW_KEYS, check_config, gpu_jobs
+from instsim.stages.config import NERF_WORKFLOW_KEYS, check_config, gpu_jobs
 from instsim.errors import InstsimError
 
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")

@@ -4,8 +4,8 @@ import logging
 
 from instsim.detect import detections_to_coco, evaluate_coco, load_detector, predict
 from instsim.io import write_json
-from instsim.stage import run_stage
-from instsim.strategies import load_coco_images
+from instsim.stages.runner import run_stage
+from instsim.stages.strategies import load_coco_images
 
 log = logging.getLogger("instsim")
 

@@ -1,8 +1,8 @@
 """extract_intrinsics: camera and scene facts of one class from its training cameras."""
 
-from instsim.intrinsics import extract_intrinsics
+from instsim.stages.intrinsics import extract_intrinsics
 from instsim.io import write_json
-from instsim.stage import run_stage
+from instsim.stages.runner import run_stage
 
 
 def main(sm):

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from instsim.config import resolve_device
-from instsim.datasets import generate_procedural, import_folder
-from instsim.stage import run_stage
+from instsim.stages.config import resolve_device
+from instsim.stages.dataset import generate_procedural, import_folder
+from instsim.stages.runner import run_stage
 
 
 def main(sm):

@@ -9,19 +9,19 @@ from pathlib import Path
 import torch
 
 from instsim.cameras import PoseSpace
-from instsim.config import resolve_device
+from instsim.stages.config import resolve_device
 from instsim.errors import InputError
 from instsim.io import atomic_path, read_json, write_json
 from instsim.neuralsim.distribution import PoseDistribution
 from instsim.neuralsim.loop import NeuralSimConfig, ValSet, optimize_distribution
-from instsim.neuralsim.plots import (
+from instsim.stages.neuralsim_plots import (
     plot_control_comparison,
     plot_learned_vs_target,
     plot_probabilities,
     read_trajectory,
 )
-from instsim.stage import run_stage
-from instsim.strategies import detector_config, load_class_nerfs, load_coco_images
+from instsim.stages.runner import run_stage
+from instsim.stages.strategies import detector_config, load_class_nerfs, load_coco_images
 
 log = logging.getLogger("instsim")
 

@@ -1,9 +1,9 @@
 """render_target: the detection target domain (one split) with COCO annotations."""
 
 from instsim.cameras import PoseSpace
-from instsim.config import resolve_device
-from instsim.stage import run_stage
-from instsim.target import render_target
+from instsim.stages.config import resolve_device
+from instsim.stages.runner import run_stage
+from instsim.stages.target import render_target
 
 
 def main(sm):

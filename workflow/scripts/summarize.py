@@ -3,8 +3,8 @@
 import logging
 
 from instsim.io import atomic_path, read_json
-from instsim.report import plot_ap, plot_per_class, summary_table, write_predictions_grid
-from instsim.stage import run_stage
+from instsim.stages.report import plot_ap, plot_per_class, summary_table, write_predictions_grid
+from instsim.stages.runner import run_stage
 
 log = logging.getLogger("instsim")
 

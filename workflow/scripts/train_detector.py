@@ -7,13 +7,13 @@ from pathlib import Path
 import pandas as pd
 
 from instsim.cameras import PoseSpace
-from instsim.config import resolve_device
+from instsim.stages.config import resolve_device
 from instsim.detect import save_detector, train_detector
 from instsim.io import atomic_path, to_uint8, write_png
-from instsim.report import draw_boxes, image_grid
-from instsim.stage import run_stage
-from instsim.strategies import detector_config, load_class_nerfs, strategy_probs
-from instsim.synth import make_synthetic_set
+from instsim.stages.report import draw_boxes, image_grid
+from instsim.stages.runner import run_stage
+from instsim.stages.strategies import detector_config, load_class_nerfs, strategy_probs
+from instsim.synthesis import make_synthetic_set
 
 log = logging.getLogger("instsim")
 

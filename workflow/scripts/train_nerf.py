@@ -4,10 +4,10 @@ import logging
 import shutil
 from pathlib import Path
 
-from instsim.config import nerf_config, resolve_device
+from instsim.stages.config import nerf_config, resolve_device
 from instsim.io import atomic_path, read_json
 from instsim.nerf.train import train_nerf
-from instsim.stage import run_stage
+from instsim.stages.runner import run_stage
 from instsim.transforms import load_views
 
 

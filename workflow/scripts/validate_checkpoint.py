@@ -7,12 +7,12 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 
-from instsim.config import resolve_device
+from instsim.stages.config import resolve_device
 from instsim.errors import InstsimError
 from instsim.io import read_json, write_json, write_png
 from instsim.nerf.checkpoint import expect_from_intrinsics, load_checkpoint
 from instsim.nerf.validate import convention_check, unseen_poses, validate_checkpoint
-from instsim.stage import run_stage
+from instsim.stages.runner import run_stage
 from instsim.transforms import load_views
 
 log = logging.getLogger("instsim")

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from .cameras import Intrinsics, project
-from .errors import InputError
-from .transforms import Transforms, read_transforms
+from ..cameras import Intrinsics, project
+from ..errors import InputError
+from ..transforms import Transforms, read_transforms
 
 __all__ = ["look_at_centre", "frustum_bounds", "extract_intrinsics"]
 

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import InstsimError
-from .gpus import claim_gpu
+from ..errors import InstsimError
+from ..gpus import claim_gpu
 
 __all__ = ["run_stage", "setup_logging", "asks_for_gpu"]
 

@@ -14,28 +14,23 @@ import logging
 import math
 import os
 import shutil
-import zlib
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from tqdm import tqdm
 
-from .cameras import Intrinsics, sample_sphere_poses
-from .errors import InputError
-from .io import atomic_dir, write_png
-from .transforms import Frame, read_transforms, write_transforms
+from ..cameras import Intrinsics, sample_sphere_poses
+from ..errors import InputError
+from ..io import atomic_dir, write_png
+from ..seeds import class_seed
+from ..transforms import Frame, read_transforms, write_transforms
 
-__all__ = ["SPLITS", "generate_procedural", "import_folder", "class_seed"]
+__all__ = ["SPLITS", "generate_procedural", "import_folder"]
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-
-
-def class_seed(seed: int, name: str, salt: str = "") -> int:
-    """A stable per-class (and per-purpose) seed: the same for the same inputs on every machine."""
-    return (seed * 1_000_003 + zlib.crc32(f"{name}/{salt}".encode())) % (2**63 - 1)
 
 
 def dataset_intrinsics(ds_cfg: Mapping[str, Any]) -> Intrinsics:
@@ -65,7 +60,7 @@ def generate_procedural(
 
     Returns the number of views per split.
     """
-    from .scene import make_hand, render_scene  # the scene package pulls in the renderer only when needed
+    from ..scene import make_hand, render_scene  # the scene package pulls in the renderer only when needed
 
     scene = make_hand(gesture).to(device)
     intr = dataset_intrinsics(ds_cfg)

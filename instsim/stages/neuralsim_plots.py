@@ -14,18 +14,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .report import save_figure
+
 __all__ = ["plot_control_comparison", "plot_learned_vs_target", "plot_probabilities", "read_trajectory"]
 
 
 def read_trajectory(path: str | Path) -> pd.DataFrame:
     """``trajectory.tsv`` as a frame (empty cells are NaN)."""
     return pd.read_csv(path, sep="\t")
-
-
-def _save(fig, path: str | Path) -> None:
-    from ..report import _save_figure
-
-    _save_figure(fig, path)
 
 
 def _plt():
@@ -88,7 +84,7 @@ def plot_probabilities(
         fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="probability")
     fig.suptitle("Neural-Sim: pose-bin probabilities over iterations")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_learned_vs_target(
@@ -129,7 +125,7 @@ def plot_learned_vs_target(
     axes[0, -1].legend(loc="upper right", fontsize=7)
     fig.suptitle("Neural-Sim: learned vs target pose distribution")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_control_comparison(learned: pd.DataFrame, control: pd.DataFrame, path: str | Path) -> None:
@@ -152,4 +148,4 @@ def plot_control_comparison(learned: pd.DataFrame, control: pd.DataFrame, path: 
     axes[0].legend()
     fig.suptitle("Neural-Sim vs its control (same samples and fine-tuning, no psi update)")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

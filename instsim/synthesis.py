@@ -14,9 +14,9 @@ from typing import Any, Mapping
 
 import torch
 
-from .backgrounds import boxes_from_alpha, random_backgrounds
+from .scene.backgrounds import boxes_from_alpha, random_backgrounds
 from .cameras import Intrinsics, PoseSpace, pose_from_spherical
-from .datasets import class_seed
+from .seeds import class_seed
 
 __all__ = ["SynthSet", "detection_intrinsics", "render_posed", "make_synthetic_set", "BOX_OPACITY"]
 

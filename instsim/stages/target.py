@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .backgrounds import boxes_from_alpha, composite, random_backgrounds
-from .cameras import Intrinsics, PoseSpace, spherical_from_pose
-from .datasets import class_seed
-from .errors import InputError
+from ..scene.backgrounds import boxes_from_alpha, composite, random_backgrounds
+from ..cameras import Intrinsics, PoseSpace, spherical_from_pose
+from ..seeds import class_seed
+from ..errors import InputError
 from .intrinsics import look_at_centre
-from .io import atomic_dir, write_json, write_png
-from .transforms import load_views, read_transforms
+from ..io import atomic_dir, write_json, write_png
+from ..transforms import load_views, read_transforms
 
 __all__ = ["render_target", "coco_categories"]
 
@@ -45,7 +45,7 @@ def coco_categories(class_names: list[str]) -> list[dict]:
 def _procedural_renderer(
     gesture: str, supersample: int, device: str | torch.device = "cpu"
 ) -> Callable[[torch.Tensor, Intrinsics], torch.Tensor]:
-    from .scene import make_hand, render_scene
+    from ..scene import make_hand, render_scene
 
     scene = make_hand(gesture).to(device)
     return lambda c2w, intr: render_scene(scene, c2w[None], intr, supersample=supersample)[0].cpu()

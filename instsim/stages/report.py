@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .io import atomic_path, read_json, to_uint8, write_png
+from ..io import atomic_path, read_json, to_uint8, write_png
 
 __all__ = ["summary_table", "plot_ap", "plot_per_class", "draw_boxes", "image_grid", "predictions_grid"]
 
@@ -36,7 +36,7 @@ def summary_table(evals: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return pd.concat([df, pd.DataFrame(stats)], ignore_index=True)
 
 
-def _save_figure(fig, path: str | Path) -> None:
+def save_figure(fig, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
@@ -62,7 +62,7 @@ def plot_ap(table: pd.DataFrame, path: str | Path) -> None:
     ax.set_ylabel("COCO AP on target/test")
     ax.legend(loc="upper left")
     ax.set_title("Detector trained on NeRF renders, per strategy (mean ± std over seeds)")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_per_class(table: pd.DataFrame, path: str | Path) -> None:
@@ -83,7 +83,7 @@ def plot_per_class(table: pd.DataFrame, path: str | Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel("AP (mean over seeds)")
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def draw_boxes(image: np.ndarray, boxes: Sequence[Sequence[float]], colours: Sequence[tuple[int, int, int]]) -> np.ndarray:
@@ -117,7 +117,7 @@ def predictions_grid(
     coco: Mapping, detections: Sequence[Mapping], images_dir: str | Path, n: int = 12, min_score: float = 0.3
 ) -> np.ndarray:
     """The first ``n`` test images with true boxes (white) and predictions above ``min_score`` (class colours)."""
-    from .io import read_image
+    from ..io import read_image
 
     imgs = []
     for img in coco["images"][:n]:

@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .cameras import PoseSpace
-from .errors import ConfigError
+from ..cameras import PoseSpace
+from ..errors import ConfigError
 
 __all__ = ["check_config", "pose_space", "target_distribution", "resolve_device", "gpu_jobs", "nerf_config", "NERF_WORKFLOW_KEYS"]
 
@@ -46,7 +46,7 @@ def check_config(config: Mapping[str, Any], source: str = "config") -> None:
     if nerf is not None:
         nerf_config(nerf["preset"], {k: v for k, v in nerf.items() if k not in NERF_WORKFLOW_KEYS}, source=source)
     if config.get("neuralsim") is not None:
-        from .neuralsim.loop import NeuralSimConfig
+        from ..neuralsim.loop import NeuralSimConfig
 
         NeuralSimConfig.from_dict(config["neuralsim"], source=source)
     det = config.get("detector")
@@ -84,7 +84,7 @@ def gpu_jobs(device: str) -> int:
 
 def nerf_config(preset: str, overrides: Mapping[str, Any], device: str | None = None, seed: int | None = None, source: str = "config"):
     """The :class:`~instsim.nerf.config.NerfConfig` of a preset (``cpu`` or ``paper``) with overrides."""
-    from .nerf.config import NerfConfig
+    from ..nerf.config import NerfConfig
 
     extra = dict(overrides)
     if device is not None:
