@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args
 
 from ..cameras import PoseSpace
-from ..config_fields import FieldChecks, is_int, is_number
+from ..config_fields import FieldChecks, dataclass_from_values, is_int, is_number
 from ..errors import ConfigError
 from .implicit import InverseHVPMethod
 from .sampling import RELAXATIONS
@@ -73,7 +73,7 @@ class NeuralSimConfig:
     psi_lr: Adam learning rate on the logits psi (the first iteration's, with ``psi_lr_schedule: cosine``).
     psi_lr_schedule: ``constant``, or ``cosine``: iteration ``t`` of ``T`` uses ``psi_lr * (1 + cos(pi (t-1) / T)) / 2``,
         meant to let psi settle instead of random-walking at the end (at psi_lr 0.2 it did worse than constant
-        0.1 on the default config: README, Neural-Sim section).
+        0.1 on the default config: docs/experiments.md).
     grad_clip: max global norm of dL_val/dpsi before the Adam step (0 disables).
     pretrain_steps: detector warm start before the loop: steps of ordinary detector training (the
         detector's own schedule and augmentation) on samples of the initial psi (0: start from scratch).
@@ -174,13 +174,6 @@ class NeuralSimConfig:
         learned = kwargs.get("learned", cls.learned)
         if isinstance(learned, str) or not isinstance(learned, Sequence):
             raise ConfigError(source, "neuralsim.learned", f"must be a list of factor names, got {learned!r}")
-        cfg = cls.__new__(cls)
-        for f in fields(cls):
-            default = f.default if f.default_factory is MISSING else f.default_factory()  # type: ignore[misc]
-            object.__setattr__(cfg, f.name, kwargs.get(f.name, default))
-        object.__setattr__(cfg, "learned", tuple(learned))
-        base = asdict(InverseHVPConfig())
-        base.update(ih)
-        object.__setattr__(cfg, "inverse_hvp", InverseHVPConfig(**base))
-        cfg.validate(source)
-        return cfg
+        kwargs["learned"] = tuple(learned)
+        kwargs["inverse_hvp"] = InverseHVPConfig(**{**asdict(InverseHVPConfig()), **ih})  # checked with the whole
+        return dataclass_from_values(cls, kwargs, source)
