@@ -191,10 +191,7 @@ def read_target_distribution(
         raise InputError(path, "probabilities", "missing (the target pose distribution, as render_target writes it)")
     if "pose_space" not in data:
         raise InputError(path, "pose_space", "missing: the bins the probabilities are over must be stated")
-    try:
-        theirs = PoseSpace.from_config(data["pose_space"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(path, "pose_space", f"must give bins, low and high per factor ({e})") from None
+    theirs = PoseSpace.from_config(data["pose_space"], source=str(path))
     for f in space.FACTORS:
         a, b = theirs.factor(f), space.factor(f)
         if (a.bins, a.low, a.high) != (b.bins, b.low, b.high):

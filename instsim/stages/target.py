@@ -12,7 +12,6 @@ target probability of the pose bin it falls in.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -20,21 +19,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..scene.backgrounds import boxes_from_alpha, composite, random_backgrounds
+from ..scene.backgrounds import BOX_OPACITY, boxes_from_alpha, composite, random_backgrounds
 from ..cameras import Intrinsics, PoseSpace, spherical_from_pose
 from ..seeds import class_seed
+from ..synthesis import DetectionCamera, draw_shifts
 from ..errors import InputError
 from .intrinsics import look_at_centre
 from ..io import atomic_dir, write_json, write_png
+from ..scene import make_hand, render_scene
 from ..transforms import load_views, read_transforms
 
 __all__ = ["render_target", "coco_categories"]
 
 log = logging.getLogger(__name__)
-
-#: alpha above which a pixel counts as object for the box
-BOX_ALPHA = 0.5
-
 
 def coco_categories(class_names: list[str]) -> list[dict]:
     """COCO categories of the classes in sorted name order (ids from 1), so that reordering the config's
@@ -45,8 +42,6 @@ def coco_categories(class_names: list[str]) -> list[dict]:
 def _procedural_renderer(
     gesture: str, supersample: int, device: str | torch.device = "cpu"
 ) -> Callable[[torch.Tensor, Intrinsics], torch.Tensor]:
-    from ..scene import make_hand, render_scene
-
     scene = make_hand(gesture).to(device)
     return lambda c2w, intr: render_scene(scene, c2w[None], intr, supersample=supersample)[0].cpu()
 
@@ -68,10 +63,19 @@ class _FolderViews:
         self.poses = torch.cat(poses)
         az, el, r = spherical_from_pose(self.poses.double(), look_at_centre(self.poses))
         weight = torch.ones(len(images), dtype=torch.float64)
+        outside = torch.zeros(len(images), dtype=torch.bool)
         for name, value in (("azimuth", torch.rad2deg(az) % 360), ("elevation", torch.rad2deg(el)), ("zoom", r)):
             f = space.factor(name)
-            idx = ((value - f.low) / f.width).floor().long().clamp(0, f.bins - 1)
+            raw = ((value - f.low) / f.width).floor().long()
+            outside |= (raw < 0) | (raw >= f.bins)
+            # a view outside the pose space counts in the nearest edge bin (said below, recorded by render_target)
+            idx = raw.clamp(0, f.bins - 1)
             weight = weight * probs[name][idx]
+        #: views whose pose lies outside the pose space on some factor, weighted by the nearest edge bin
+        self.outside = int(outside.sum())
+        if self.outside:
+            log.warning("%s: %d of %d views lie outside pose_space; each is weighted by its nearest edge bin",
+                        path, self.outside, len(images))
         if not weight.sum() > 0:
             raise InputError(path, "frames", "no view falls in a pose bin the target distribution gives weight to")
         self.weight = weight
@@ -125,13 +129,13 @@ def render_target(
     n = int(target_cfg["images"][split])
     size = int(target_cfg["image_size"])
     supersample = int(target_cfg["supersample"])
-    intr = Intrinsics.from_fov(size, size, math.radians(float(target_cfg["fov_deg"])))
+    camera = DetectionCamera.from_target_config(target_cfg)
+    intr = camera.intrinsics
     gen = torch.Generator().manual_seed(class_seed(seed, "target", split))
     labels = torch.arange(n) % len(names)
     labels = labels[torch.randperm(n, generator=gen)]
     poses = space.sample(probs, n, gen).poses()
-    max_shift = float(target_cfg["max_shift"]) * size
-    shifts = ((torch.rand(n, 2, generator=gen) * 2 - 1) * max_shift).round()
+    shifts = draw_shifts(n, camera.max_shift, gen)
     backgrounds = random_backgrounds(n, size, gen)
 
     renderers: dict[str, Any] = {}
@@ -153,7 +157,7 @@ def render_target(
                 rgba = _shift_image(source.draw(gen), du, dv)
             else:
                 rgba = source(poses[i], intr.shifted(du, dv))
-            box = boxes_from_alpha(rgba[None, ..., 3], BOX_ALPHA)[0]
+            box = boxes_from_alpha(rgba[None, ..., 3], BOX_OPACITY)[0]
             if box[2] <= 0 or box[3] <= 0:
                 raise InputError(
                     None, f"classes.{name}", f"target image {i}: the object is not visible at the sampled pose"
@@ -169,7 +173,7 @@ def render_target(
                     "image_id": i + 1,
                     "category_id": int(labels[i]) + 1,
                     "bbox": [x, y, w, h],
-                    "area": float((rgba[..., 3] > BOX_ALPHA).sum()),
+                    "area": float((rgba[..., 3] > BOX_OPACITY).sum()),
                     "iscrowd": 0,
                 }
             )
@@ -181,14 +185,15 @@ def render_target(
         "categories": coco_categories(names),
     }
     write_json(annotations_path, coco)
-    write_json(
-        distribution_path,
-        {
-            "pose_space": space.to_dict(),
-            "probabilities": {f: [float(p) for p in probs[f]] for f in space.FACTORS},
-            "classes": names,
-            "note": "target pose distribution (independent per factor, shared by all classes)",
-        },
-    )
+    distribution = {
+        "pose_space": space.to_dict(),
+        "probabilities": {f: [float(p) for p in probs[f]] for f in space.FACTORS},
+        "classes": names,
+        "note": "target pose distribution (independent per factor, shared by all classes)",
+    }
+    outside = {n: r.outside for n, r in renderers.items() if isinstance(r, _FolderViews) and r.outside}
+    if outside:  # folder views outside pose_space: the oracle's distribution is not exactly what they were drawn by
+        distribution["folder_views_outside_pose_space"] = outside
+    write_json(distribution_path, distribution)
     log.info("target/%s: %d images %s", split, n, counts)
     return counts
