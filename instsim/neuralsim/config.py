@@ -165,12 +165,7 @@ class NeuralSimConfig:
         ih = kwargs.get("inverse_hvp", {})
         if isinstance(ih, InverseHVPConfig):
             ih = asdict(ih)
-        if not isinstance(ih, Mapping):
-            raise ConfigError(source, "neuralsim.inverse_hvp", f"must be a mapping {{method, k, alpha, damping}}, got {ih!r}")
-        ih_known = {f.name for f in fields(InverseHVPConfig)}
-        for key in ih:
-            if key not in ih_known:
-                raise ConfigError(source, f"neuralsim.inverse_hvp.{key}", f"unknown option (known: {', '.join(sorted(ih_known))})")
+        ih = FieldChecks("neuralsim.inverse_hvp", source).known_keys(ih, (f.name for f in fields(InverseHVPConfig)), "option")
         learned = kwargs.get("learned", cls.learned)
         if isinstance(learned, str) or not isinstance(learned, Sequence):
             raise ConfigError(source, "neuralsim.learned", f"must be a list of factor names, got {learned!r}")
