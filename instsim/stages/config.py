@@ -14,6 +14,7 @@ import torch
 from ..cameras import PoseSpace
 from ..errors import ConfigError
 from ..nerf.config import NerfConfig
+from ..neuralsim.config import NeuralSimConfig
 from .strategies import detector_config
 
 __all__ = ["check_config", "pose_space", "target_distribution", "resolve_device", "gpu_jobs", "nerf_config", "NERF_WORKFLOW_KEYS"]
@@ -39,8 +40,6 @@ def check_config(config: Mapping[str, Any], source: str = "config") -> None:
     if nerf is not None:
         nerf_config(nerf["preset"], {k: v for k, v in nerf.items() if k not in NERF_WORKFLOW_KEYS}, source=source)
     if config.get("neuralsim") is not None:
-        from ..neuralsim.config import NeuralSimConfig
-
         NeuralSimConfig.from_dict(config["neuralsim"], source=source)
     det = config.get("detector")
     if det is not None:
