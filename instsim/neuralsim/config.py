@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from ..cameras import PoseSpace
-from ..config_fields import FieldChecks, dataclass_from_values, is_int, is_number
+from ..config_fields import FieldChecks, dataclass_from_values, is_number
 from ..errors import ConfigError
 from .implicit import InverseHVPMethod
 from .sampling import RELAXATIONS
@@ -143,12 +143,10 @@ class NeuralSimConfig:
         ih = self.inverse_hvp
         if ih.method not in INVERSE_HVP_METHODS:
             bad("inverse_hvp.method", f"must be one of {list(INVERSE_HVP_METHODS)}, got {ih.method!r}")
-        if not is_int(ih.k) or ih.k < 0:
-            bad("inverse_hvp.k", f"must be an integer >= 0, got {ih.k!r}")
-        if not is_number(ih.alpha) or ih.alpha <= 0:
-            bad("inverse_hvp.alpha", f"must be a finite number > 0, got {ih.alpha!r}")
-        if not is_number(ih.damping) or ih.damping < 0:
-            bad("inverse_hvp.damping", f"must be a finite number >= 0, got {ih.damping!r}")
+        ih_check = FieldChecks("neuralsim.inverse_hvp", source)
+        ih_check.ints(ih, ("k",), 0)
+        ih_check.numbers(ih, ("alpha",), 0, strict=True)
+        ih_check.numbers(ih, ("damping",), 0)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able dict (``learned`` as a list)."""
@@ -165,12 +163,7 @@ class NeuralSimConfig:
         ih = kwargs.get("inverse_hvp", {})
         if isinstance(ih, InverseHVPConfig):
             ih = asdict(ih)
-        if not isinstance(ih, Mapping):
-            raise ConfigError(source, "neuralsim.inverse_hvp", f"must be a mapping {{method, k, alpha, damping}}, got {ih!r}")
-        ih_known = {f.name for f in fields(InverseHVPConfig)}
-        for key in ih:
-            if key not in ih_known:
-                raise ConfigError(source, f"neuralsim.inverse_hvp.{key}", f"unknown option (known: {', '.join(sorted(ih_known))})")
+        ih = FieldChecks("neuralsim.inverse_hvp", source).known_keys(ih, (f.name for f in fields(InverseHVPConfig)), "option")
         learned = kwargs.get("learned", cls.learned)
         if isinstance(learned, str) or not isinstance(learned, Sequence):
             raise ConfigError(source, "neuralsim.learned", f"must be a list of factor names, got {learned!r}")

@@ -25,12 +25,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 if __name__ == "__main__":  # run as a script: the checkout, tests/ and this folder, as pytest sets them up
     sys.path[:0] = [str(Path(__file__).resolve().parents[i]) for i in (2, 1, 0)]
 
 from conftest import BLENDER_COCO_TINY, BLENDERNERF_TINY
+from instsim.detect import DetectorConfig, build_detector, make_shapes_dataset, save_detector, train_detector
+from instsim.io import save_torch, write_json, write_png
+from instsim.nerf.config import NerfConfig
+from instsim.nerf.train import train_nerf
+from instsim.neuralsim.config import NeuralSimConfig
+from instsim.neuralsim.resume import CHECKPOINT_FORMAT
+from instsim.stages.intrinsics import extract_intrinsics
+from instsim.stages.runner import run_stage
+from instsim.transforms import load_views
 from reliability_stage import FakeSnakemake, Named, close_stage_log, run_stage_script, stage_job
 from workflow_utils import byo_config, run_snakemake, tiny_config
 
@@ -150,9 +160,6 @@ def _missing_folder(tmp: Path) -> Outcome:
 
 
 def _intrinsics(tmp: Path) -> Path:
-    from instsim.stages.intrinsics import extract_intrinsics
-    from instsim.io import write_json
-
     path = tmp / "results" / "data" / "shapes" / "intrinsics.json"
     write_json(path, extract_intrinsics(BLENDERNERF_TINY / "transforms_train.json"))
     return path
@@ -160,11 +167,6 @@ def _intrinsics(tmp: Path) -> Path:
 
 def _one_step_nerf(path: Path, **settings) -> None:
     """A NeRF checkpoint of the fixture after one training step (finished: ``steps=1``)."""
-    from instsim.stages.intrinsics import extract_intrinsics
-    from instsim.nerf.config import NerfConfig
-    from instsim.nerf.train import train_nerf
-    from instsim.transforms import load_views
-
     cfg = NerfConfig.cpu(**{"steps": 1, "threads": 1, **settings})
     info = extract_intrinsics(BLENDERNERF_TINY / "transforms_train.json")
     train_nerf(load_views(BLENDERNERF_TINY / "transforms_train.json"), info, cfg, path, path.with_suffix(".tsv"),
@@ -236,10 +238,6 @@ _DETECTOR = dict(image_size=32, num_classes=2, width=4, head_width=4, dilations=
 
 def _coco_set(folder: Path) -> tuple[Path, Path]:
     """Two 32x32 RGB images and their COCO ground truth (one box each)."""
-    import numpy as np
-
-    from instsim.io import write_json, write_png
-
     images = folder / "images"
     for i in range(2):
         write_png(images / f"{i:05d}.png", np.full((32, 32, 3), 0.2 + 0.3 * i, np.float32))
@@ -254,8 +252,6 @@ def _coco_set(folder: Path) -> tuple[Path, Path]:
 
 def _evaluate_case(damage: Callable[[Path, Path, Path], None]) -> Callable[[Path], Outcome]:
     def run(tmp: Path) -> Outcome:
-        from instsim.detect import DetectorConfig, build_detector, save_detector
-
         results = tmp / "results"
         model = results / "detector" / "uniform" / "seed_0" / "model.pt"
         save_detector(build_detector(DetectorConfig(**_DETECTOR)), model)
@@ -289,8 +285,6 @@ def _foreign_detector(model: Path, annotations: Path, images: Path) -> None:
 
 def _library(tmp: Path, rule: str, body: Callable[[], None], outputs: list[Path]) -> Outcome:
     """Run ``body`` the way a stage script does (:func:`instsim.stages.runner.run_stage`): exit 1 on InstsimError."""
-    from instsim.stages.runner import run_stage
-
     sm = FakeSnakemake(rule=rule, log=Named(tmp / "logs" / f"{rule}.log"), output=Named(*outputs))
     code = 0
     try:
@@ -303,8 +297,6 @@ def _library(tmp: Path, rule: str, body: Callable[[], None], outputs: list[Path]
 
 
 def _detector_resume_other_config(tmp: Path) -> Outcome:
-    from instsim.detect import DetectorConfig, make_shapes_dataset, train_detector
-
     images, boxes, labels = make_shapes_dataset(8, image_size=32, min_size=6, max_size=14, seed=5)
     state = tmp / "detector" / "resume" / "state.pt"
     settings = {**_DETECTOR, "num_classes": 3}  # the shapes dataset has three classes
@@ -312,8 +304,6 @@ def _detector_resume_other_config(tmp: Path) -> Outcome:
     final = tmp / "detector" / "model.pt"
 
     def body() -> None:
-        from instsim.detect import save_detector
-
         model = train_detector(images, boxes, labels, DetectorConfig(**{**settings, "lr": 1e-3}),
                                checkpoint_path=state, progress=False)
         save_detector(model, final)
@@ -328,10 +318,6 @@ def _detector_resume_other_config(tmp: Path) -> Outcome:
 
 def _neuralsim_case(damage: Callable[[Path, Path], None]) -> Callable[[Path], Outcome]:
     def run(tmp: Path) -> Outcome:
-        import numpy as np
-
-        from instsim.io import write_json, write_png
-
         cfg = tiny_config()
         results = tmp / "results"
         ckpt = results / "nerf" / "shapes" / "checkpoint.pt"
@@ -369,19 +355,12 @@ def _no_probabilities(distribution: Path, resume: Path) -> None:
 
 
 def _resume_of_other_settings(distribution: Path, resume: Path) -> None:
-    from instsim.io import save_torch
-    from instsim.neuralsim.config import NeuralSimConfig
-    from instsim.neuralsim.resume import CHECKPOINT_FORMAT
-
     # what a run with 5 iterations instead of tiny's 3 left behind (the loop checks the config first)
     other = NeuralSimConfig.from_dict({**tiny_config()["neuralsim"], "iterations": 5, "seed": 0})
     save_torch({"format": CHECKPOINT_FORMAT, "config": other.to_dict(), "iteration": 2}, resume)
 
 
 def _truncated_resume(distribution: Path, resume: Path) -> None:
-    from instsim.io import save_torch
-    from instsim.neuralsim.resume import CHECKPOINT_FORMAT
-
     save_torch({"format": CHECKPOINT_FORMAT, "rows": [0.0] * 1000}, resume)
     resume.write_bytes(resume.read_bytes()[:300])
 

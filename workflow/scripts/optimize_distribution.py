@@ -24,6 +24,7 @@ from instsim.stages.neuralsim_plots import (
     plot_probabilities,
     read_trajectory,
 )
+from instsim.seeds import derive_seed
 from instsim.stages.runner import run_stage
 from instsim.stages.strategies import detector_config, load_class_nerfs, load_coco_images
 from instsim.synthesis import DetectionCamera
@@ -70,7 +71,7 @@ def optimize(sm):
     renders = ClassRenderers(models, centres, DetectionCamera.from_target_config(p.target))
     problem = BilevelProblem(renders, space, ValSet(images, boxes, labels, coco), det_cfg, target, device)
     dist, _, rows = optimize_distribution(
-        problem, cfg, seed=cfg.seed + 1000 * int(p.run_seed), checkpoint_path=resume, log_tsv=log_tsv,
+        problem, cfg, seed=derive_seed(int(p.run_seed), cfg.seed), checkpoint_path=resume, log_tsv=log_tsv,
         update_psi=p.update_psi, log_fn=log.info,
     )
     out = dist.to_dict()
