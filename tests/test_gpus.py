@@ -1,5 +1,5 @@
-"""One GPU per GPU job on a multi-GPU host: instsim.gpus.claim_gpu with fake GPU counts, the stage hook, and
-the default profile's `gpu` limit. No GPU is needed: the count is faked (a patched gpu_count, or a fake
+"""GPU jobs on a host's GPUs: instsim.gpus.claim_gpu with fake GPU counts (one job per GPU, and several sharing
+one), the stage hook, and the default profile's `gpu` limit. No GPU is needed: the count is faked (a patched gpu_count, or a fake
 nvidia-smi on PATH) and CUDA is never started."""
 
 import os
@@ -33,9 +33,11 @@ with gpus.claim_gpu(poll_s=0.05) as index:
 
 @pytest.fixture
 def lock_dir(tmp_path, monkeypatch) -> Path:
-    """A fresh lock folder for this test (children inherit it), and no GPU chosen yet."""
+    """A fresh lock folder for this test (children inherit it), no GPU chosen yet, one job per GPU (tests of
+    sharing set INSTSIM_JOBS_PER_GPU themselves)."""
     folder = tmp_path / "locks"
     monkeypatch.setenv(gpus.LOCK_DIR_ENV, str(folder))
+    monkeypatch.setenv(gpus.JOBS_PER_GPU_ENV, "1")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return folder
 
@@ -124,6 +126,84 @@ def test_no_gpu_is_a_no_op(lock_dir, monkeypatch):
     assert not lock_dir.exists()
 
 
+def test_jobs_share_a_gpu_up_to_its_slots(lock_dir, tmp_path, monkeypatch):
+    """One GPU, three slots: three jobs run on it at once, a fourth waits; a finished job's slot is reused."""
+    monkeypatch.setenv(gpus.JOBS_PER_GPU_ENV, "3")
+    release = tmp_path / "release"
+    holders = [_holder(1, str(release)) for _ in range(3)]
+    try:
+        assert [_claimed(p) for p in holders] == [(0, "0")] * 3
+        monkeypatch.setattr(gpus, "gpu_count", lambda: 1)
+        with pytest.raises(gpus.GpuBusyError, match="3 jobs each"):
+            with gpus.claim_gpu(poll_s=0.05, timeout_s=0.3):
+                pass
+    finally:
+        release.touch()
+        for p in holders:
+            p.wait(timeout=30)
+    held = sorted(p.name for p in lock_dir.glob("gpu*.lock"))
+    assert held == ["gpu0.slot0.lock", "gpu0.slot1.lock", "gpu0.slot2.lock"]
+    with gpus.claim_gpu(timeout_s=0) as index:
+        assert index == 0
+
+
+def test_jobs_spread_over_gpus_before_sharing(lock_dir, tmp_path, monkeypatch):
+    """Two GPUs, two slots each: the first two jobs get different GPUs, the next two fill the second slots;
+    a job killed on GPU 1 frees that GPU's slot for the next job (not one on the busier GPU 0)."""
+    monkeypatch.setenv(gpus.JOBS_PER_GPU_ENV, "2")
+    release = tmp_path / "release"
+    first = [_holder(2, str(release))]
+    try:
+        got = [_claimed(first[0])]
+        first.append(_holder(2, "-"))  # this one is killed below
+        got.append(_claimed(first[1]))
+        assert sorted(i for i, _ in got) == [0, 1]  # one job per GPU while a GPU is free
+        more = [_holder(2, str(release)) for _ in range(2)]
+        first += more
+        assert sorted(_claimed(p)[0] for p in more) == [0, 1]
+        monkeypatch.setattr(gpus, "gpu_count", lambda: 2)
+        with pytest.raises(gpus.GpuBusyError):
+            with gpus.claim_gpu(timeout_s=0):
+                pass
+        killed_gpu = got[1][0]
+        first[1].send_signal(signal.SIGKILL)
+        first[1].wait(timeout=30)
+        with gpus.claim_gpu(timeout_s=0) as index:
+            assert index == killed_gpu
+    finally:
+        release.touch()
+        for p in first:
+            if p.poll() is None and p is not first[1]:
+                p.wait(timeout=30)
+            elif p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_several_listed_gpus_are_claimed_among(lock_dir, tmp_path, monkeypatch):
+    """CUDA_VISIBLE_DEVICES set by hand to several devices: jobs claim among those, and it is restored after."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    release = tmp_path / "release"
+    holder = _holder(8, str(release))  # its fake count of 8 is not used: the listed devices are the GPUs
+    try:
+        assert _claimed(holder) == (2, "2")
+        monkeypatch.setattr(gpus, "gpu_count", lambda: pytest.fail("the listed devices are the GPUs"))
+        with gpus.claim_gpu(timeout_s=0) as got:
+            assert got == "5" and os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,5"
+    finally:
+        release.touch()
+        holder.wait(timeout=30)
+
+
+def test_bad_jobs_per_gpu_is_named(monkeypatch):
+    monkeypatch.setenv(gpus.JOBS_PER_GPU_ENV, "zero")
+    with pytest.raises(gpus.InstsimError, match="INSTSIM_JOBS_PER_GPU='zero'"):
+        gpus.jobs_per_gpu()
+    monkeypatch.delenv(gpus.JOBS_PER_GPU_ENV)
+    assert gpus.jobs_per_gpu() == gpus.JOBS_PER_GPU
+
+
 def _fake_snakemake(tmp_path, gpu: int) -> SimpleNamespace:
     return SimpleNamespace(log=[str(tmp_path / "stage.log")], rule="train_nerf", wildcards={"cls": "fist"},
                            resources=SimpleNamespace(gpu=gpu, mem_mb=1000))
@@ -162,7 +242,27 @@ def test_gpu_count_and_the_default_profile_agree(tmp_path, monkeypatch, listing,
         smi.chmod(0o755)
     # only the fake (no system folders: a real nvidia-smi there would be found in the no-nvidia-smi case)
     monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv(gpus.JOBS_PER_GPU_ENV, raising=False)
     assert gpus.gpu_count() == expected
+    assert _profile_gpu_limit() == max(1, expected) * gpus.jobs_per_gpu()
+    monkeypatch.setenv(gpus.JOBS_PER_GPU_ENV, "2")
+    assert _profile_gpu_limit() == max(1, expected) * 2 == max(1, expected) * gpus.jobs_per_gpu()
+
+
+def _profile_gpu_limit() -> int:
     with open(REPO / "profiles" / "default" / "config.yaml") as f:
         profile = yte.process_yaml(f, require_use_yte=True)
-    assert profile["resources"] == [f"gpu={max(1, expected)}"]
+    (entry,) = profile["resources"]
+    name, value = entry.split("=")
+    assert name == "gpu"
+    return int(value)
+
+
+@pytest.mark.parametrize("visible, gpus_counted", [("0", 1), ("0,1", 2), ("", 0), ("GPU-aaaa,GPU-bbbb,GPU-cccc", 3)])
+def test_profile_counts_the_visible_gpus(monkeypatch, visible, gpus_counted):
+    """Where CUDA_VISIBLE_DEVICES is set, the profile counts the devices it lists (not nvidia-smi's): the
+    README's one-GPU timing (CUDA_VISIBLE_DEVICES=0) on a host with several gets one card's jobs."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.delenv(gpus.JOBS_PER_GPU_ENV, raising=False)
+    assert _profile_gpu_limit() == max(1, gpus_counted) * gpus.JOBS_PER_GPU
