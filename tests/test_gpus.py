@@ -266,3 +266,77 @@ def test_profile_counts_the_visible_gpus(monkeypatch, visible, gpus_counted):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     monkeypatch.delenv(gpus.JOBS_PER_GPU_ENV, raising=False)
     assert _profile_gpu_limit() == max(1, gpus_counted) * gpus.JOBS_PER_GPU
+
+
+# A GPU stage as a workflow script runs it (run_stage with a `gpu` resource), on `sys.argv[1]` fake GPUs: it logs
+# to `sys.argv[2]` and holds its GPU until the file `sys.argv[3]` exists (or until killed, when that is "-").
+STAGE = """
+import os, sys, time
+from types import SimpleNamespace
+from instsim import gpus
+from instsim.stages.runner import run_stage
+gpus.gpu_count = lambda: int(sys.argv[1])
+sm = SimpleNamespace(log=[sys.argv[2]], rule="train_detector", wildcards={}, threads=1,
+                     resources=SimpleNamespace(gpu=1))
+hold = sys.argv[3]
+def body(sm):
+    print("holding", flush=True)
+    while hold == "-" or not os.path.exists(hold):
+        time.sleep(0.02)
+run_stage(sm, body)
+"""
+
+
+def test_claim_logs_pass_the_run_checker_and_catch_a_bad_claim(lock_dir, tmp_path, monkeypatch):
+    """Stages on 2 fake GPUs x 2 slots, more jobs than slots, one killed mid-run: the logs they write satisfy
+    benchmarks/check_gpu_claims.py (balanced claims, no wait while a slot was free, the killed job's GPU
+    reused); a log edited to show a claim on the busier GPU fails it."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import json
+
+    import check_gpu_claims
+
+    monkeypatch.setenv(gpus.JOBS_PER_GPU_ENV, "2")
+    results = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+    def stage(name: str, hold: str) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-c", STAGE, "2", str(results / "logs" / f"{name}.log"), hold],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        return p
+
+    release = tmp_path / "release"
+    procs = {"victim": stage("victim", "-"), **{f"a{i}": stage(f"a{i}", str(release)) for i in range(3)}}
+    for p in procs.values():  # all four slots held
+        assert p.stdout.readline().strip() == "holding", p.stderr.read()
+    procs["waiter"] = stage("waiter", str(release))
+    deadline = time.monotonic() + 60
+    while "waiting for one" not in (results / "logs" / "waiter.log").read_text() if (results / "logs" / "waiter.log").exists() else True:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1.5)  # it waits while every slot is held
+    log_text = (results / "logs" / "victim.log").read_text()
+    victim_gpu = log_text.split("claimed GPU ")[1].split()[0]
+    procs["victim"].send_signal(signal.SIGKILL)
+    procs["victim"].wait(timeout=30)
+    kill_time = time.time()
+    assert procs["waiter"].stdout.readline().strip() == "holding"
+    waiter_log = (results / "logs" / "waiter.log").read_text()
+    slot_free = waiter_log.split("claimed GPU ")[1].split()[0] == victim_gpu  # it got the killed job's slot
+    release.touch()
+    for name, p in procs.items():
+        if name != "victim":
+            assert p.wait(timeout=60) == 0, p.stderr.read()
+    kills = [{"log": "logs/victim.log", "time": kill_time, "gpu": victim_gpu, "slot_free_after": slot_free}]
+    jobs = check_gpu_claims.read_jobs(results, kills)
+    report = check_gpu_claims.check(jobs, kills)
+    assert report["passed"], report["problems"]
+    assert report["jobs"] == 5 and report["max_jobs_on_one_gpu"] == 2 and report["waits_over_1_s"] == 1
+    assert report["kill_frees"] and report["kills"][0]["later_claims_on_that_gpu"] == 1
+    # the same logs with the first job's partner moved onto its GPU: a claim on the busier GPU, three on one GPU
+    first = min(jobs, key=lambda j: j["start"])
+    second = sorted(jobs, key=lambda j: j["start"])[1]
+    second["gpu"] = first["gpu"]
+    bad = check_gpu_claims.check(jobs, [])
+    assert not bad["balanced"] and not bad["passed"]
+    json.dumps(report)  # what the run script writes

@@ -28,7 +28,8 @@ log = logging.getLogger("instsim")
 
 def setup_logging(log_path: str | Path | None, level: int = logging.INFO) -> None:
     """Send instsim's log records to ``log_path`` (if given) and to stderr, with timestamps."""
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    # milliseconds: the GPU claims of parallel jobs are ordered from these lines (benchmarks/check_gpu_claims.py)
+    fmt = logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     root = logging.getLogger("instsim")
     root.setLevel(level)
     root.handlers.clear()
