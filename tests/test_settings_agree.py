@@ -29,6 +29,8 @@ from instsim.neuralsim.config import INVERSE_HVP_METHODS, PSI_LR_SCHEDULES, Inve
 from instsim.neuralsim.distribution import PoseDistribution
 from instsim.neuralsim.sampling import RELAXATIONS
 from instsim.scene import GESTURES
+from instsim.scene.blender import ENGINES
+from instsim.stages.coco_target import RESIZE_MODES, TARGET_SOURCES
 from instsim.stages.config import NERF_WORKFLOW_KEYS, nerf_config
 from instsim.stages.dataset import CLASS_SOURCES
 from instsim.stages.strategies import STRATEGIES, detector_config
@@ -56,6 +58,9 @@ ENUMS: dict[str, tuple] = {
     "device": DEVICES,
     "definitions.class_source.source": CLASS_SOURCES,
     "definitions.class_source.gesture": GESTURES,
+    "definitions.class_source.engine": ENGINES,
+    "target.source": TARGET_SOURCES,
+    "target.resize": RESIZE_MODES,
     "nerf.preset": PRESETS,
     "nerf.backend": BACKENDS,
     "nerf.validation_background": tuple(BACKGROUNDS),
