@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -27,12 +28,19 @@ import torch
 
 from .errors import InstsimError
 
-__all__ = ["BACKENDS", "KERNEL_DIR", "build_key", "check_toolchain", "kernel_sources", "load_kernels", "uses_cuda"]
+__all__ = ["BACKENDS", "DEVICES", "fallback_reason", "KERNEL_DIR", "build_key", "check_toolchain", "kernel_sources", "load_kernels", "uses_cuda"]
 
+#: the config's ``nerf.backend`` values (module docstring)
 BACKENDS = ("auto", "cuda", "torch")
+#: the config's ``device`` values: ``auto`` takes a GPU when torch sees one (a NeRF's own ``device`` also takes
+#: ``cuda:N``)
+DEVICES = ("auto", "cpu", "cuda")
 #: the kernel sources, shipped beside the package (repository root / cuda)
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "cuda"
 _log = logging.getLogger("instsim.backend")
+#: why ``auto`` took the PyTorch path on a GPU, by device (``"cuda:0"``): the kernels did not load. Stages whose
+#: result depends on the path record it (:func:`fallback_reason`).
+_FALLBACKS: dict[str, str] = {}
 
 
 def kernel_sources() -> list[Path]:
@@ -54,7 +62,7 @@ def build_key(arch: str) -> str:
 def check_toolchain() -> None:
     """Raise :class:`InstsimError` naming what is missing to build the kernels: a CUDA build of torch, nvcc,
     a C++ compiler, ninja, the sources."""
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # imported here: it pulls in setuptools, needed only to build the kernels
 
     if torch.version.cuda is None:
         raise InstsimError("the CUDA kernels need a CUDA build of torch; this one is CPU-only (use nerf.backend: torch)")
@@ -84,7 +92,7 @@ def load_kernels(device_index: int = 0) -> ModuleType:
     if not torch.cuda.is_available():
         raise InstsimError("the CUDA kernels need a GPU, and torch sees none (use nerf.backend: torch)")
     check_toolchain()
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # imported here: it pulls in setuptools, needed only to build the kernels
 
     major, minor = torch.cuda.get_device_capability(device_index)
     arch = f"{major}.{minor}"
@@ -124,8 +132,6 @@ def load_kernels(device_index: int = 0) -> ModuleType:
 
 
 def _import_library(name: str, path: Path) -> ModuleType:
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise InstsimError(f"cannot import the CUDA kernels from {path}")
@@ -152,9 +158,20 @@ def _resolve(name: str, device_type: str, device_index: int) -> bool:
         if name == "cuda":
             raise
         _log.warning("NeRF backend: torch, because the CUDA kernels are not available: %s", e)
+        _FALLBACKS[f"cuda:{device_index}"] = str(e)
         return False
     _log.info("NeRF backend: cuda (kernels from %s)", KERNEL_DIR)
     return True
+
+
+def fallback_reason(device: torch.device | str) -> str | None:
+    """Why ``backend: auto`` runs the PyTorch path on the GPU ``device`` (the kernels' load error), or None when it
+    did not fall back there (it runs the kernels, was not asked yet, or ``device`` is the CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _FALLBACKS.get(f"cuda:{index}")
 
 
 def uses_cuda(name: str, device: torch.device) -> bool:

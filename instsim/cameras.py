@@ -78,6 +78,12 @@ class Intrinsics:
                 raise InputError(file, key, f"must be a finite number, got {value!r}")
             return float(value)
 
+        def focal_from_angle(key: str, size: float) -> float:
+            angle = num(key)
+            if not 0 < angle < math.pi:
+                raise InputError(file, key, f"must be in (0, pi) radians, got {angle}")
+            return 0.5 * size / math.tan(0.5 * angle)
+
         for key in ("w", "h"):
             if key not in meta:
                 raise InputError(file, key, "missing (image width/height in pixels)")
@@ -90,17 +96,8 @@ class Intrinsics:
             fl_x = num("fl_x")
             fl_y = num("fl_y") if "fl_y" in meta else fl_x
         elif "camera_angle_x" in meta:
-            ang_x = num("camera_angle_x")
-            if not 0 < ang_x < math.pi:
-                raise InputError(file, "camera_angle_x", f"must be in (0, pi) radians, got {ang_x}")
-            fl_x = 0.5 * w / math.tan(0.5 * ang_x)
-            if "camera_angle_y" in meta:
-                ang_y = num("camera_angle_y")
-                if not 0 < ang_y < math.pi:
-                    raise InputError(file, "camera_angle_y", f"must be in (0, pi) radians, got {ang_y}")
-                fl_y = 0.5 * h / math.tan(0.5 * ang_y)
-            else:
-                fl_y = fl_x
+            fl_x = focal_from_angle("camera_angle_x", w)
+            fl_y = focal_from_angle("camera_angle_y", h) if "camera_angle_y" in meta else fl_x
         else:
             raise InputError(file, "fl_x", "missing: need 'fl_x' (and 'fl_y') or 'camera_angle_x'")
         for key, value in (("fl_x", fl_x), ("fl_y", fl_y)):
@@ -385,11 +382,38 @@ class PoseSpace:
     zoom: BinnedFactor
 
     FACTORS = ("azimuth", "elevation", "zoom")
+    #: most bins of one factor (one per degree of azimuth)
+    MAX_BINS = 360
 
     @classmethod
-    def from_config(cls, cfg: Mapping) -> "PoseSpace":
-        """From the config's ``pose_space`` section: ``{factor: {bins, low, high}}``."""
-        return cls(*(BinnedFactor(f, float(cfg[f]["low"]), float(cfg[f]["high"]), int(cfg[f]["bins"])) for f in cls.FACTORS))
+    def from_config(cls, cfg: Mapping, source: str | None = None, field: str = "pose_space") -> "PoseSpace":
+        """From the config's ``pose_space`` section: ``{factor: {bins, low, high}}``.
+
+        Raises :class:`InputError` naming ``source`` and ``<field>.<factor>[.<key>]`` for a missing factor or key,
+        bins not an integer in ``[1, MAX_BINS]``, ``high <= low``, a zoom (camera distance) that is not positive or
+        an elevation outside ``[-90, 90]`` degrees."""
+        factors = []
+        for f in cls.FACTORS:
+            sec = cfg.get(f) if isinstance(cfg, Mapping) else None
+            if not isinstance(sec, Mapping):
+                raise InputError(source, f"{field}.{f}", "missing: needs {bins, low, high}")
+            for key in ("bins", "low", "high"):
+                if key not in sec:
+                    raise InputError(source, f"{field}.{f}.{key}", "missing")
+            bins, low, high = sec["bins"], sec["low"], sec["high"]
+            if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= cls.MAX_BINS:
+                raise InputError(source, f"{field}.{f}.bins", f"must be an integer in [1, {cls.MAX_BINS}], got {bins!r}")
+            for key, v in (("low", low), ("high", high)):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise InputError(source, f"{field}.{f}.{key}", f"must be a finite number, got {v!r}")
+            if not high > low:
+                raise InputError(source, f"{field}.{f}", f"high ({high}) must be greater than low ({low})")
+            factors.append(BinnedFactor(f, float(low), float(high), bins))
+        if not factors[2].low > 0:
+            raise InputError(source, f"{field}.zoom.low", "the camera distance must be positive")
+        if factors[1].low < -90 or factors[1].high > 90:
+            raise InputError(source, f"{field}.elevation", "elevation must lie within [-90, 90] degrees")
+        return cls(*factors)
 
     def factor(self, name: str) -> BinnedFactor:
         return getattr(self, name)

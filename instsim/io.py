@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import InputError, describe_exception
 
-__all__ = ["atomic_path", "atomic_dir", "write_json", "read_json", "write_png", "read_image", "to_uint8", "save_torch", "load_torch"]
+__all__ = ["atomic_path", "atomic_dir", "write_json", "read_json", "write_png", "read_image", "read_image_rgba", "to_uint8", "save_torch", "load_torch"]
 
 
 @contextlib.contextmanager
@@ -131,9 +131,38 @@ def read_image(path: str | Path, field: str | None = None) -> np.ndarray:
     return np.clip(arr.astype(np.float32), 0.0, 1.0)
 
 
+#: Pillow modes of one channel with more than 8 bits: converting them to RGBA in Pillow clips at 255, so they
+#: are read as numbers and scaled by the largest value of their type instead
+_WIDE_GREY = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 2.0**31 - 1, "F": 1.0}
+
+
+def read_image_rgba(path: str | Path, field: str | None = None) -> np.ndarray:
+    """Read an image of any size and Pillow mode (RGB, RGBA, grey, grey+alpha, palette, CMYK, 16-bit grey) as
+    float32 ``(H, W, 4)`` RGBA in [0, 1]; images without alpha are opaque.
+
+    Pillow converts the mode, so a palette is looked up and a CMYK JPEG's four channels are not taken for
+    RGBA (plain :func:`read_image` does not know the mode). A missing or undecodable file raises
+    :class:`InputError` naming the file and ``field``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, field, "image file does not exist")
+    try:
+        mode = iio.immeta(path, plugin="pillow").get("mode")
+        if mode in _WIDE_GREY:
+            grey = np.clip(iio.imread(path, plugin="pillow").astype(np.float32) / _WIDE_GREY[mode], 0.0, 1.0)
+            return np.stack([grey, grey, grey, np.ones_like(grey)], axis=-1)
+        arr = iio.imread(path, plugin="pillow", mode="RGBA")
+    except Exception as e:  # imageio / Pillow raise many types for corrupt or foreign files
+        raise InputError(path, field, f"image cannot be decoded ({describe_exception(e)})") from None
+    if arr.ndim != 3 or arr.shape[-1] != 4 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise InputError(path, field, f"expected a 2-D image, got array of shape {arr.shape}")
+    return arr.astype(np.float32) / 255.0
+
+
 def save_torch(obj: Any, path: str | Path) -> None:
     """``torch.save`` atomically (checkpoints: a kill mid-write leaves the previous file intact)."""
-    import torch
+    import torch  # imported here: the json/png helpers serve stages that never load torch (summarize; ~1 s saved)
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -145,7 +174,7 @@ def load_torch(path: str | Path, fmt: str, what: str, hint: str = "") -> dict:
     A file that cannot be read (corrupt, truncated, not torch) or holds something else raises
     :class:`InputError` naming the file; ``what`` says what was expected ("a detector checkpoint") and
     ``hint`` is added to the message (e.g. "; delete it to start over")."""
-    import torch
+    import torch  # imported here: see save_torch
 
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)

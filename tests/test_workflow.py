@@ -3,6 +3,7 @@
 import json
 
 import imageio.v3 as iio
+import pandas as pd
 import pytest
 
 from conftest import BLENDERNERF_TINY
@@ -98,6 +99,7 @@ def test_folder_class_imports_blendernerf(tmp_path):
         ({"classes": {"cup": {"source": "teapot"}}}, "classes.cup.source"),
         ({"classes": {"mug": {"source": "folder", "path": "/nonexistent/mug"}}}, "classes.mug.path"),
         ({"target": {**tiny_config()["target"], "distribution": {"azimuth": [1.0], "elevation": [0.2, 0.3, 0.5], "zoom": [0.2, 0.3, 0.5]}}}, "target.distribution.azimuth"),
+        ({"pose_space": {**tiny_config()["pose_space"], "zoom": {"bins": 3, "low": 0.0, "high": 4.4}}}, "pose_space.zoom.low"),
         ({"seeds": []}, "seeds"),
         ({"extra_key": 1}, "Additional properties are not allowed ('extra_key'"),
         ({"nerf": {**tiny_config()["nerf"], "hash_size": 3}}, "nerf.hash_size"),
@@ -160,8 +162,6 @@ def test_nerfs_validated(tiny_run):
 
 
 def test_summary_compares_strategies(tiny_run):
-    import pandas as pd
-
     table = pd.read_csv(tiny_run / "results/eval/summary.tsv", sep="\t", dtype={"seed": str})
     assert set(table.strategy) == set(tiny_config()["strategies"])
     assert {"AP", "AP50", "AP75", "AP_fist", "AP_palm", "AP_yeah"} <= set(table.columns)

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .. import backend
 from ..cameras import Intrinsics, pose_from_spherical
 from ..io import write_png
 from ..transforms import Views
@@ -65,7 +66,8 @@ def validate_checkpoint(
     Returns:
         ``psnr`` and ``ssim`` (means over views, dB and [-1, 1]), ``mask_iou`` (mean, opacity vs alpha at 0.5),
         ``per_view`` (list of ``{file_path, psnr, ssim, mask_iou}``), ``n_views``, ``background`` (RGB list),
-        ``min_psnr``, ``passed``.
+        ``min_psnr``, ``passed``; and ``backend_fallback`` (the kernels' load error) when ``backend: auto`` ran
+        the PyTorch path on a GPU.
     """
     model = _model(ckpt, device, expect)
     model.eval()
@@ -104,6 +106,9 @@ def validate_checkpoint(
         "min_psnr": min_psnr,
     }
     result["passed"] = bool(n > 0 and (min_psnr is None or result["psnr"] >= min_psnr))
+    reason = backend.fallback_reason(dev) if model.cfg.backend == "auto" else None
+    if reason is not None:  # the numbers above are the PyTorch path's, on a GPU that was meant to run the kernels
+        result["backend_fallback"] = reason
     return result
 
 

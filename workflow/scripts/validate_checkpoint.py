@@ -10,6 +10,7 @@ from instsim.errors import InstsimError
 from instsim.io import read_json, write_json, write_png
 from instsim.nerf.checkpoint import expect_from_intrinsics, load_checkpoint
 from instsim.nerf.validate import convention_check, unseen_poses, validate_checkpoint
+from instsim.scene import make_hand, render_alpha_depth
 from instsim.stages.runner import run_stage
 from instsim.transforms import load_views
 
@@ -31,8 +32,6 @@ def main(sm):
     if source["source"] == "procedural":
         # the NeRF must agree with the ground-truth renderer at poses it never saw (catches flipped axes);
         # the true coverage is ray-traced on the stage's device, without shading (only alpha is compared)
-        from instsim.scene import make_hand, render_alpha_depth
-
         poses = unseen_poses(info, n=5, seed=sm.params.seed)
         scene = make_hand(source["gesture"]).to(device)
         alpha = render_alpha_depth(scene, poses.to(device), views.intrinsics, supersample=2)[0].cpu()
