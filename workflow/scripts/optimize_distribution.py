@@ -6,7 +6,6 @@ import logging
 import shutil
 from pathlib import Path
 
-
 from instsim.cameras import PoseSpace
 from instsim.stages.config import resolve_device
 from instsim.errors import InputError
