@@ -6,8 +6,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
-
 from instsim.cameras import PoseSpace
 from instsim.stages.config import resolve_device
 from instsim.errors import InputError
@@ -58,7 +56,6 @@ def _tv(row) -> str:
 
 def optimize(sm):
     classes, p = list(sm.params.classes), sm.params
-    torch.set_num_threads(sm.threads)
     device = resolve_device(p.device)
     space = PoseSpace.from_config(p.pose_space)
     cfg = NeuralSimConfig.from_dict(p.neuralsim, source="config")

@@ -41,7 +41,7 @@ def main(sm):
     history = []
     resume = Path(sm.params.resume)
     model = train_detector(
-        images, boxes, labels, cfg, log=log.info, checkpoint_path=resume, history=history, num_threads=sm.threads,
+        images, boxes, labels, cfg, log=log.info, checkpoint_path=resume, history=history,
         device=device,
     )
     save_detector(model, sm.output.model)
