@@ -288,10 +288,12 @@ def test_pose_sample_view_and_hard_sampling_from_distribution():
     space, gen = _space(), torch.Generator().manual_seed(4)
     dist = PoseDistribution(space, ["fist"], init={"fist": TARGET})
     noise = draw_noise(space, 16, gen)
-    values, c2w = relaxed_poses(dist, "fist", noise, 0.3)
+    values, c2w = relaxed_poses(dist, "fist", noise, 0.3, class_radius=2.5)
     ps = to_pose_sample(values, space)
     assert isinstance(ps, PoseSample) and ps.azimuth_bin.dtype == torch.int64
-    assert torch.allclose(ps.poses(), c2w.detach().float(), atol=1e-5)
+    assert torch.allclose(ps.poses(2.5), c2w.detach().float(), atol=1e-5)
+    # zoom is relative: the camera sits at zoom * the class's training-camera distance
+    assert torch.allclose(c2w[:, :3, 3].detach().norm(dim=-1), 2.5 * values["zoom"].detach(), atol=1e-6)
     hard = dist.sample("fist", 4000, gen)
     freq = torch.bincount(hard.azimuth_bin, minlength=8).double() / 4000
     assert torch.allclose(freq, torch.tensor(TARGET["azimuth"], dtype=F64), atol=0.03)
@@ -528,7 +530,7 @@ def _outer_loop(method: str, seed: int, steps: int = 60, k_images: int = 64, tau
     gen = torch.Generator().manual_seed(seed)
     dist = PoseDistribution(space, ["hand"], learned=["azimuth"], dtype=F64)
     target = space.check_probs(TARGET)
-    val_images = _features(space.sample(target, 2000, gen).poses().double())
+    val_images = _features(space.sample(target, 2000, gen).poses(1.0).double())
     s = torch.linspace(0.5, 2.0, 8, dtype=F64)
     theta = torch.zeros(8, dtype=F64, requires_grad=True)
 

@@ -16,6 +16,11 @@ from ..errors import ConfigError
 
 __all__ = ["check_config", "pose_space", "target_distribution", "resolve_device", "gpu_jobs", "nerf_config", "NERF_WORKFLOW_KEYS"]
 
+#: largest ``pose_space.zoom.high`` accepted: zoom is a multiple of each class's training-camera distance, and
+#: beyond a few times that an object covers a handful of pixels; a larger value is most likely a camera distance
+#: in world units from a config written before zoom became relative
+MAX_RELATIVE_ZOOM = 4.0
+
 #: keys of the config's ``nerf`` section that belong to the workflow; all others are NerfConfig fields
 NERF_WORKFLOW_KEYS = ("preset", "min_psnr", "min_mask_iou", "validation_background")
 
@@ -38,6 +43,10 @@ def check_config(config: Mapping[str, Any], source: str = "config") -> None:
             raise ConfigError(source, f"pose_space.{name}", f"high ({f['high']}) must be greater than low ({f['low']})")
     if not space["zoom"]["low"] > 0:
         raise ConfigError(source, "pose_space.zoom.low", "the camera distance must be positive")
+    if space["zoom"]["high"] > MAX_RELATIVE_ZOOM:
+        raise ConfigError(source, "pose_space.zoom.high", f"{space['zoom']['high']} is more than {MAX_RELATIVE_ZOOM} times the "
+                          "training cameras' distance: zoom is relative to each class's mean training-camera distance "
+                          "(intrinsics.json radius.mean), not world units")
     el = space["elevation"]
     if el["low"] < -90 or el["high"] > 90:
         raise ConfigError(source, "pose_space.elevation", "elevation must lie within [-90, 90] degrees")

@@ -15,7 +15,7 @@ from ..cameras import Intrinsics, project
 from ..errors import InputError
 from ..transforms import Transforms, read_transforms
 
-__all__ = ["look_at_centre", "frustum_bounds", "extract_intrinsics"]
+__all__ = ["look_at_centre", "frustum_bounds", "extract_intrinsics", "camera_radius"]
 
 
 def look_at_centre(poses: torch.Tensor) -> torch.Tensor:
@@ -97,3 +97,15 @@ def extract_intrinsics(transforms: Transforms | str | Path) -> dict[str, Any]:
         "scene": {"aabb_min": lo.tolist(), "aabb_max": hi.tolist(), "bound": bound, "aabb_scale": tf.aabb_scale},
         "source": str(tf.path),
     }
+
+
+def camera_radius(info: Any, source: str | Path | None = None) -> float:
+    """The mean training-camera distance of an ``intrinsics.json`` (read from ``source``): the world units of one
+    unit of zoom (:class:`~instsim.cameras.BinnedFactor`). Raises :class:`InputError` naming ``radius.mean``."""
+    try:
+        value = info["radius"]["mean"]
+    except (KeyError, TypeError):
+        raise InputError(source, "radius.mean", "missing (the mean training-camera distance; rerun extract_intrinsics)") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value or value == float("inf"):
+        raise InputError(source, "radius.mean", f"must be a finite number > 0, got {value!r}")
+    return float(value)

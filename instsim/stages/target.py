@@ -52,9 +52,15 @@ def _procedural_renderer(
 
 
 class _FolderViews:
-    """Views of a folder class, picked by the target probability of their pose bin."""
+    """Views of a folder class, picked by the target probability of their pose bin.
 
-    def __init__(self, path: Path, space: PoseSpace, probs: Mapping[str, torch.Tensor], size: int) -> None:
+    A view's zoom is its camera distance over the class's mean training-camera distance (``radius``), as for
+    every class. Views whose elevation or zoom falls outside the pose space's bins get no weight (they are not
+    clamped into the end bins, which would give them a probability they do not have); ``outside`` counts them
+    per factor, and :func:`render_target` logs and records the counts.
+    """
+
+    def __init__(self, path: Path, space: PoseSpace, probs: Mapping[str, torch.Tensor], size: int, radius: float) -> None:
         views, poses = [], []
         for split in ("test", "val"):
             tf_path = path / f"transforms_{split}.json"
@@ -68,12 +74,23 @@ class _FolderViews:
         self.poses = torch.cat(poses)
         az, el, r = spherical_from_pose(self.poses.double(), look_at_centre(self.poses))
         weight = torch.ones(len(images), dtype=torch.float64)
-        for name, value in (("azimuth", torch.rad2deg(az) % 360), ("elevation", torch.rad2deg(el)), ("zoom", r)):
+        inside = torch.ones(len(images), dtype=torch.bool)
+        self.outside: dict[str, int] = {}
+        for name, value in (("azimuth", torch.rad2deg(az) % 360), ("elevation", torch.rad2deg(el)), ("zoom", r / radius)):
             f = space.factor(name)
-            idx = ((value - f.low) / f.width).floor().long().clamp(0, f.bins - 1)
-            weight = weight * probs[name][idx]
+            idx = ((value - f.low) / f.width).floor().long()
+            ok = (idx >= 0) & (idx < f.bins)
+            if name == "azimuth" and abs(f.high - f.low - 360.0) < 1e-9:
+                ok = torch.ones_like(ok)  # a full turn: every angle is in a bin (mod 360 above)
+            self.outside[name] = int((~ok).sum())
+            inside &= ok
+            weight = weight * torch.where(ok, probs[name][idx.clamp(0, f.bins - 1)], torch.zeros_like(weight))
+        self.outside["total"] = int((~inside).sum())
+        self.n_views = len(images)
         if not weight.sum() > 0:
-            raise InputError(path, "frames", "no view falls in a pose bin the target distribution gives weight to")
+            raise InputError(path, "frames", f"no view falls in a pose bin the target distribution gives weight to "
+                             f"(views outside the bins: {self.outside} of {len(images)}; zoom is the camera distance over "
+                             f"the training cameras' mean, {radius:.4g})")
         self.weight = weight
         self.images = _square_resize(images, size)
 
@@ -112,14 +129,17 @@ def render_target(
     images_dir: str | Path,
     annotations_path: str | Path,
     distribution_path: str | Path,
+    radii: Mapping[str, float],
     progress: bool = True,
     device: str | torch.device = "cpu",
 ) -> dict[str, int]:
     """Render the ``split`` (``val`` or ``test``) of the target domain (procedural classes are ray-traced on
     ``device``; poses, shifts and backgrounds are drawn on the CPU).
 
-    Writes ``images_dir/NNNNN.png`` (RGB), the COCO ``annotations_path`` and ``distribution_path`` (the
-    target pose distribution, read by the oracle baseline). Returns the number of images per class.
+    ``radii`` maps each class to its mean training-camera distance (``intrinsics.json``'s ``radius.mean``): the
+    world units of one unit of zoom. Writes ``images_dir/NNNNN.png`` (RGB), the COCO ``annotations_path`` and
+    ``distribution_path`` (the target pose distribution, read by the oracle baseline; for folder classes also how
+    many of their views fell outside the pose bins and were left out). Returns the number of images per class.
     """
     names = sorted(classes)
     n = int(target_cfg["images"][split])
@@ -129,7 +149,11 @@ def render_target(
     gen = torch.Generator().manual_seed(class_seed(seed, "target", split))
     labels = torch.arange(n) % len(names)
     labels = labels[torch.randperm(n, generator=gen)]
-    poses = space.sample(probs, n, gen).poses()
+    missing = [name for name in names if name not in radii]
+    if missing:
+        raise InputError(None, "radii", f"no training-camera distance for classes {missing}")
+    scale = torch.tensor([float(radii[names[int(k)]]) for k in labels], dtype=torch.float64)
+    poses = space.sample(probs, n, gen).poses(scale)
     max_shift = float(target_cfg["max_shift"]) * size
     shifts = ((torch.rand(n, 2, generator=gen) * 2 - 1) * max_shift).round()
     backgrounds = random_backgrounds(n, size, gen)
@@ -140,7 +164,11 @@ def render_target(
         if cfg["source"] == "procedural":
             renderers[name] = _procedural_renderer(cfg["gesture"], supersample, device)
         else:
-            renderers[name] = _FolderViews(Path(cfg["path"]).expanduser(), space, probs, size)
+            renderers[name] = _FolderViews(Path(cfg["path"]).expanduser(), space, probs, size, float(radii[name]))
+            out = renderers[name].outside
+            if out["total"]:
+                log.warning("target/%s: class %s: %d of %d views lie outside the pose bins and are left out (%s)", split,
+                            name, out["total"], renderers[name].n_views, {k: v for k, v in out.items() if k != "total"})
 
     images, annotations = [], []
     counts = {name: 0 for name in names}
@@ -187,7 +215,11 @@ def render_target(
             "pose_space": space.to_dict(),
             "probabilities": {f: [float(p) for p in probs[f]] for f in space.FACTORS},
             "classes": names,
-            "note": "target pose distribution (independent per factor, shared by all classes)",
+            "note": "target pose distribution (independent per factor, shared by all classes); zoom is relative to "
+                    "each class's mean training-camera distance (class_radius)",
+            "class_radius": {name: float(radii[name]) for name in names},
+            "folder_views_outside_bins": {name: {**src.outside, "views": src.n_views} for name, src in renderers.items()
+                                          if isinstance(src, _FolderViews)},
         },
     )
     log.info("target/%s: %d images %s", split, n, counts)

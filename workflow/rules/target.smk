@@ -2,6 +2,9 @@
 
 
 rule render_target:
+    input:
+        # each class's mean training-camera distance: the world units of one unit of zoom
+        intrinsics=expand(res("data/{cls}/intrinsics.json"), cls=CLASSES),
     output:
         images=directory(res("target/{tsplit}/images")),
         annotations=res("target/{tsplit}/annotations.json"),
