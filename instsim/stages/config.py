@@ -13,6 +13,8 @@ import torch
 
 from ..cameras import PoseSpace
 from ..errors import ConfigError
+from ..nerf.config import NerfConfig
+from .strategies import detector_config
 
 __all__ = ["check_config", "pose_space", "target_distribution", "resolve_device", "gpu_jobs", "nerf_config", "NERF_WORKFLOW_KEYS"]
 
@@ -60,8 +62,6 @@ def check_config(config: Mapping[str, Any], source: str = "config") -> None:
         NeuralSimConfig.from_dict(config["neuralsim"], source=source)
     det = config.get("detector")
     if det is not None:
-        from .strategies import detector_config
-
         detector_config(det["settings"], config["target"]["image_size"], len(config["classes"]), config["seed"])
     for name, cls in config["classes"].items():
         if cls["source"] == "folder":
@@ -91,10 +91,10 @@ def gpu_jobs(device: str) -> int:
     return int(device == "auto" and torch.cuda.is_available())
 
 
-def nerf_config(preset: str, overrides: Mapping[str, Any], device: str | None = None, seed: int | None = None, source: str = "config"):
+def nerf_config(
+    preset: str, overrides: Mapping[str, Any], device: str | None = None, seed: int | None = None, source: str = "config"
+) -> NerfConfig:
     """The :class:`~instsim.nerf.config.NerfConfig` of a preset (``cpu`` or ``paper``) with overrides."""
-    from ..nerf.config import NerfConfig
-
     extra = dict(overrides)
     if device is not None:
         extra["device"] = device

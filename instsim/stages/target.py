@@ -26,6 +26,7 @@ from ..seeds import class_seed
 from ..errors import InputError
 from .intrinsics import look_at_centre
 from ..io import atomic_dir, write_json, write_png
+from ..scene import make_hand, render_scene
 from ..transforms import load_views, read_transforms
 
 __all__ = ["render_target", "coco_categories"]
@@ -45,8 +46,6 @@ def coco_categories(class_names: list[str]) -> list[dict]:
 def _procedural_renderer(
     gesture: str, supersample: int, device: str | torch.device = "cpu"
 ) -> Callable[[torch.Tensor, Intrinsics], torch.Tensor]:
-    from ..scene import make_hand, render_scene
-
     scene = make_hand(gesture).to(device)
     return lambda c2w, intr: render_scene(scene, c2w[None], intr, supersample=supersample)[0].cpu()
 
@@ -167,7 +166,7 @@ def render_target(
             renderers[name] = _FolderViews(Path(cfg["path"]).expanduser(), space, probs, size, float(radii[name]))
             out = renderers[name].outside
             if out["total"]:
-                log.warning("target/%s: class %s: %d of %d views lie outside the pose bins and are left out (%s)", split,
+                log.warning("target/%s: class %s: %d of %d views lie outside pose_space and are left out (%s)", split,
                             name, out["total"], renderers[name].n_views, {k: v for k, v in out.items() if k != "total"})
 
     images, annotations = [], []
@@ -209,18 +208,18 @@ def render_target(
         "categories": coco_categories(names),
     }
     write_json(annotations_path, coco)
-    write_json(
-        distribution_path,
-        {
-            "pose_space": space.to_dict(),
-            "probabilities": {f: [float(p) for p in probs[f]] for f in space.FACTORS},
-            "classes": names,
-            "note": "target pose distribution (independent per factor, shared by all classes); zoom is relative to "
-                    "each class's mean training-camera distance (class_radius)",
-            "class_radius": {name: float(radii[name]) for name in names},
-            "folder_views_outside_bins": {name: {**src.outside, "views": src.n_views} for name, src in renderers.items()
-                                          if isinstance(src, _FolderViews)},
-        },
-    )
+    distribution = {
+        "pose_space": space.to_dict(),
+        "probabilities": {f: [float(p) for p in probs[f]] for f in space.FACTORS},
+        "classes": names,
+        "note": "target pose distribution (independent per factor, shared by all classes); zoom is relative to "
+                "each class's mean training-camera distance (class_radius)",
+        "class_radius": {name: float(radii[name]) for name in names},
+    }
+    outside = {n: {**r.outside, "views": r.n_views} for n, r in renderers.items()
+               if isinstance(r, _FolderViews) and r.outside["total"]}
+    if outside:  # folder views outside pose_space were left out: the target holds only the views inside the bins
+        distribution["folder_views_outside_pose_space"] = outside
+    write_json(distribution_path, distribution)
     log.info("target/%s: %d images %s", split, n, counts)
     return counts
