@@ -1,0 +1,301 @@
+"""The default pipeline without Snakemake, for a machine that has no Snakemake (the device machine): every job is the
+workflow's own stage script (``workflow/scripts/<rule>.py``) run with a stand-in ``snakemake`` object whose inputs,
+outputs and params are the rules' (``workflow/rules/*.smk``), each job in its own process, jobs of one phase in
+parallel. On top of the workflow's one ``neuralsim`` run it runs several Neural-Sim *variants* (config overrides of the
+``neuralsim`` section, e.g. another estimator or loop seed) on the same data, NeRFs and target, each with its own
+detectors and evaluations, so variants are compared on the same uniform and oracle baselines.
+
+    python benchmarks/neuralsim_pipeline.py --config config.yaml --results results \\
+        --variant sf0 '{"estimator": "score_function", "seed": 0}' --variant sf1 '{"estimator": "score_function", "seed": 1}'
+
+Writes ``<results>/pipeline_summary.json``: per stage job its wall time, per strategy/variant and detector seed the
+COCO AP, the Neural-Sim TV per factor and the control's trajectory summary. A job's process may be pinned to CPU cores
+(``--cpus-per-job``, Linux ``taskset``) to emulate the 2-core machine the default run targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "workflow" / "scripts"
+SPLITS = ("train", "val", "test")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one job: run a stage script in this process with a stand-in snakemake object
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Named(list):
+    """Snakemake's Namedlist: positional items, then named ones (a named list flattened), by attribute too."""
+
+    def __init__(self, *items: Any, **named: Any) -> None:
+        flat = [str(i) for i in items]
+        self._named: dict[str, Any] = {}
+        for key, value in named.items():
+            if isinstance(value, (list, tuple)):
+                value = [str(v) for v in value]
+                flat.extend(value)
+            elif isinstance(value, Path):
+                value = str(value)
+                flat.append(value)
+            else:
+                flat.append(value)
+            self._named[key] = value
+        super().__init__(flat)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._named[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._named.get(name, default)
+
+    def items(self):
+        return self._named.items()
+
+
+class Job:
+    def __init__(self, spec: dict) -> None:
+        self.rule = spec["rule"]
+        self.input = Named(*spec.get("input_list", []), **spec.get("input", {}))
+        self.output = Named(*spec.get("output_list", []), **spec.get("output", {}))
+        self.params = Named(**spec.get("params", {}))
+        self.log = Named(spec["log"])
+        self.wildcards = Named(**spec.get("wildcards", {}))
+        self.resources = Named()
+        self.threads = int(spec.get("threads", 1))
+
+
+def run_job(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    import runpy
+
+    sys.argv = [spec["script"]]
+    runpy.run_path(str(SCRIPTS / spec["script"]), init_globals={"snakemake": Job(spec)}, run_name="__main__")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the jobs of the default pipeline (as workflow/rules/*.smk)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Pipeline:
+    def __init__(self, cfg: dict, results: Path, cpus_per_job: int, log_dir: Path) -> None:
+        self.cfg, self.r, self.cpus, self.log_dir = cfg, results, cpus_per_job, log_dir
+        self.classes = list(cfg["classes"])
+        self.times: dict[str, float] = {}
+        self.failed: dict[str, int] = {}
+        self._next_cpu = 0
+        self.ncpu = os.cpu_count() or 1
+
+    def res(self, p: str) -> str:
+        return str(self.r / p)
+
+    def _spec(self, name: str, rule: str, script: str, **kw) -> dict:
+        spec = {"rule": rule, "script": script, "log": self.res(f"logs/{name}.log"), **kw}
+        for key in ("input", "output", "params"):
+            spec[key] = json.loads(json.dumps(spec.get(key, {}), default=str))
+        return spec
+
+    def _launch(self, name: str, spec: dict) -> int:
+        path = self.log_dir / f"{name.replace('/', '_')}.json"
+        path.write_text(json.dumps(spec))
+        cmd = [sys.executable, __file__, "--job", str(path)]
+        if self.cpus and sys.platform.startswith("linux"):
+            first = self._next_cpu % self.ncpu
+            self._next_cpu += self.cpus
+            cores = ",".join(str((first + i) % self.ncpu) for i in range(self.cpus))
+            cmd = ["taskset", "-c", cores] + cmd
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, self.cpus or 1)), "PYTHONPATH": str(REPO)}
+        t0 = time.perf_counter()
+        with open(self.log_dir / f"{name.replace('/', '_')}.out", "w") as out:
+            rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.times[name] = round(time.perf_counter() - t0, 2)
+        if rc:
+            self.failed[name] = rc
+        print(f"{name}: exit {rc} in {self.times[name]:.1f} s", flush=True)
+        return rc
+
+    def phase(self, jobs: dict[str, dict]) -> None:
+        self._next_cpu = 0
+        with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as ex:
+            list(ex.map(lambda kv: self._launch(*kv), jobs.items()))
+
+    # -- the rules ---------------------------------------------------------------------------------------
+
+    def datasets(self) -> dict:
+        c = self.cfg
+        return {f"generate_dataset/{k}": self._spec(f"generate_dataset/{k}", "generate_dataset", "generate_dataset.py",
+                                                     output={"transforms": [self.res(f"data/{k}/transforms_{s}.json") for s in SPLITS],
+                                                             "views": [self.res(f"data/{k}/{s}") for s in SPLITS]},
+                                                     params={"source": c["classes"][k], "dataset": c["dataset"], "seed": c["seed"],
+                                                             "device": c["device"]}, wildcards={"cls": k})
+                for k in self.classes}
+
+    def intrinsics(self) -> dict:
+        return {f"extract_intrinsics/{k}": self._spec(f"extract_intrinsics/{k}", "extract_intrinsics", "extract_intrinsics.py",
+                                                       input_list=[self.res(f"data/{k}/transforms_train.json")],
+                                                       output_list=[self.res(f"data/{k}/intrinsics.json")], wildcards={"cls": k})
+                for k in self.classes}
+
+    def nerfs_and_target(self) -> dict:
+        c = self.cfg
+        nerf = c["nerf"]
+        wf = ("preset", "min_psnr", "min_mask_iou", "validation_background")
+        jobs = {}
+        for k in self.classes:
+            jobs[f"train_nerf/{k}"] = self._spec(
+                f"train_nerf/{k}", "train_nerf", "train_nerf.py", threads=2,
+                input={"transforms": self.res(f"data/{k}/transforms_train.json"), "intrinsics": self.res(f"data/{k}/intrinsics.json")},
+                output={"checkpoint": self.res(f"nerf/{k}/checkpoint.pt"), "train_log": self.res(f"nerf/{k}/train_log.tsv")},
+                params={"nerf": {"preset": nerf["preset"], "overrides": {a: b for a, b in nerf.items() if a not in wf},
+                                 "device": c["device"], "seed": c["seed"]},
+                        "resume": self.res(f"nerf/{k}/resume/state.pt")}, wildcards={"cls": k})
+        for s in ("val", "test"):
+            jobs[f"render_target/{s}"] = self._spec(
+                f"render_target/{s}", "render_target", "render_target.py",
+                input={"intrinsics": [self.res(f"data/{k}/intrinsics.json") for k in self.classes]},
+                output={"images": self.res(f"target/{s}/images"), "annotations": self.res(f"target/{s}/annotations.json"),
+                        "distribution": self.res(f"target/{s}/distribution.json")},
+                params={"classes": c["classes"], "pose_space": c["pose_space"], "target": c["target"], "seed": c["seed"],
+                        "device": c["device"]}, wildcards={"tsplit": s})
+        return jobs
+
+    def validations(self) -> dict:
+        c = self.cfg
+        return {f"validate_checkpoint/{k}": self._spec(
+            f"validate_checkpoint/{k}", "validate_checkpoint", "validate_checkpoint.py",
+            input={"checkpoint": self.res(f"nerf/{k}/checkpoint.pt"), "transforms": self.res(f"data/{k}/transforms_test.json"),
+                   "intrinsics": self.res(f"data/{k}/intrinsics.json")},
+            output={"metrics": self.res(f"nerf/{k}/validation.json"), "comparison": self.res(f"nerf/{k}/validation.png")},
+            params={"min_psnr": c["nerf"]["min_psnr"], "min_mask_iou": c["nerf"]["min_mask_iou"],
+                    "background": c["nerf"]["validation_background"], "device": c["device"], "source": c["classes"][k],
+                    "seed": c["seed"]}, wildcards={"cls": k}) for k in self.classes}
+
+    def _class_inputs(self) -> dict:
+        return {"checkpoints": [self.res(f"nerf/{k}/checkpoint.pt") for k in self.classes],
+                "validations": [self.res(f"nerf/{k}/validation.json") for k in self.classes],
+                "intrinsics": [self.res(f"data/{k}/intrinsics.json") for k in self.classes]}
+
+    def optimize(self, name: str, neuralsim: dict, update_psi: bool, device: str | None = None) -> dict:
+        c = self.cfg
+        out = {"distribution": self.res(f"{name}/distribution.json"), "trajectory": self.res(f"{name}/trajectory.tsv")}
+        if update_psi:
+            out.update(probabilities=self.res(f"{name}/probabilities.png"), learned_vs_target=self.res(f"{name}/learned_vs_target.png"))
+        return self._spec(f"optimize_distribution/{name}", "optimize_distribution" if update_psi else "optimize_distribution_control",
+                          "optimize_distribution.py", threads=2,
+                          input={**self._class_inputs(), "annotations": self.res("target/val/annotations.json"),
+                                 "images": self.res("target/val/images"), "distribution": self.res("target/val/distribution.json")},
+                          output=out,
+                          params={"classes": self.classes, "pose_space": c["pose_space"], "target": c["target"],
+                                  "detector": c["detector"], "neuralsim": neuralsim, "device": device or c["device"],
+                                  "run_seed": c["seed"], "update_psi": update_psi, "resume": self.res(f"{name}/resume/state.pt")})
+
+    def detector(self, strategy: str, seed: int, distribution: str | None, tag: str | None = None) -> tuple[str, dict]:
+        c = self.cfg
+        tag = tag or strategy
+        inputs = self._class_inputs()
+        if distribution is not None:
+            inputs["distribution"] = distribution
+        name = f"train_detector/{tag}/seed_{seed}"
+        return name, self._spec(name, "train_detector", "train_detector.py", threads=2, input=inputs,
+                                output={"model": self.res(f"detector/{tag}/seed_{seed}/model.pt"),
+                                        "train_log": self.res(f"detector/{tag}/seed_{seed}/train_log.tsv"),
+                                        "samples": self.res(f"detector/{tag}/seed_{seed}/train_samples.png")},
+                                params={"classes": self.classes, "pose_space": c["pose_space"], "target": c["target"],
+                                        "detector": c["detector"], "device": c["device"], "run_seed": c["seed"],
+                                        "resume": self.res(f"detector/{tag}/seed_{seed}/resume/state.pt")},
+                                wildcards={"strategy": strategy, "seed": str(seed)})
+
+    def evaluate(self, strategy: str, seed: int, tag: str | None = None) -> tuple[str, dict]:
+        tag = tag or strategy
+        name = f"evaluate/{tag}/seed_{seed}"
+        return name, self._spec(name, "evaluate", "evaluate.py",
+                                input={"model": self.res(f"detector/{tag}/seed_{seed}/model.pt"),
+                                       "annotations": self.res("target/test/annotations.json"), "images": self.res("target/test/images")},
+                                output={"metrics": self.res(f"eval/{tag}/seed_{seed}.json"),
+                                        "detections": self.res(f"eval/{tag}/seed_{seed}_detections.json")},
+                                wildcards={"strategy": strategy, "seed": str(seed)})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--config", type=Path, default=REPO / "config.yaml")
+    ap.add_argument("--results", type=Path, default=REPO / "results")
+    ap.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
+                    help="a Neural-Sim variant: name and neuralsim overrides (JSON); default one variant, the config's")
+    ap.add_argument("--cpu-variant", default=None, help="also run this variant with device cpu on --cpus-per-job cores "
+                    "(the 2-core timing), named <variant>_cpu")
+    ap.add_argument("--cpus-per-job", type=int, default=0, help="pin each job to this many cores (0: no pinning)")
+    ap.add_argument("--skip-until", default=None, choices=["optimize"], help="reuse data, NeRFs and target of --results")
+    args = ap.parse_args()
+    if args.job:
+        run_job(args.job)
+        return
+    cfg = yaml.safe_load(args.config.read_text())
+    args.results.mkdir(parents=True, exist_ok=True)
+    log_dir = args.results / "pipeline_jobs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    p = Pipeline(cfg, args.results, args.cpus_per_job, log_dir)
+    seeds = list(cfg["seeds"])
+    variants = {name: {**cfg["neuralsim"], **json.loads(js)} for name, js in args.variant} or {"neuralsim": dict(cfg["neuralsim"])}
+    t0 = time.perf_counter()
+    if args.skip_until is None:
+        p.phase(p.datasets())
+        p.phase(p.intrinsics())
+        p.phase(p.nerfs_and_target())
+        p.phase(p.validations())
+    jobs = {f"optimize_distribution/{n}": p.optimize(n, v, True) for n, v in variants.items()}
+    jobs["optimize_distribution/neuralsim_control"] = p.optimize("neuralsim_control", dict(cfg["neuralsim"]), False)
+    if args.cpu_variant:
+        jobs[f"optimize_distribution/{args.cpu_variant}_cpu"] = p.optimize(f"{args.cpu_variant}_cpu", variants[args.cpu_variant],
+                                                                            True, device="cpu")
+    for strategy, dist in (("uniform", None), ("oracle", p.res("target/val/distribution.json"))):
+        for s in seeds:
+            name, spec = p.detector(strategy, s, dist)
+            jobs[name] = spec
+    p.phase(jobs)
+    later = dict(p.detector("neuralsim", s, p.res(f"{n}/distribution.json"), tag=n) for n in
+                 list(variants) + ([f"{args.cpu_variant}_cpu"] if args.cpu_variant else []) for s in seeds
+                 if Path(p.res(f"{n}/distribution.json")).exists())
+    p.phase(later)
+    evals = dict(p.evaluate(st, s) for st in ("uniform", "oracle") for s in seeds)
+    evals.update(dict(p.evaluate("neuralsim", s, tag=n) for n in list(variants) + ([f"{args.cpu_variant}_cpu"] if args.cpu_variant else [])
+                      for s in seeds if Path(p.res(f"detector/{n}/seed_{s}/model.pt")).exists()))
+    p.phase(evals)
+    summary = {"config": str(args.config), "variants": variants, "job_seconds": p.times, "failed": p.failed,
+               "wall_seconds": round(time.perf_counter() - t0, 1), "cpus_per_job": args.cpus_per_job, "AP": {}, "neuralsim": {}}
+    for tag in ["uniform", "oracle", *variants] + ([f"{args.cpu_variant}_cpu"] if args.cpu_variant else []):
+        aps = {}
+        for s in seeds:
+            f = Path(p.res(f"eval/{tag}/seed_{s}.json"))
+            if f.exists():
+                m = json.loads(f.read_text())
+                aps[str(s)] = {k: m.get(k) for k in ("AP", "AP50", "AP75")}
+        summary["AP"][tag] = aps
+    for n in list(variants) + ["neuralsim_control"] + ([f"{args.cpu_variant}_cpu"] if args.cpu_variant else []):
+        f = Path(p.res(f"{n}/distribution.json"))
+        if f.exists():
+            d = json.loads(f.read_text())
+            summary["neuralsim"][n] = {"classes": d["classes"], **d.get("neuralsim", {})}
+    (args.results / "pipeline_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps({k: summary[k] for k in ("AP", "failed", "wall_seconds")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
