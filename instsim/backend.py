@@ -28,9 +28,13 @@ import torch
 
 from .errors import InstsimError
 
-__all__ = ["BACKENDS", "KERNEL_DIR", "build_key", "check_toolchain", "kernel_sources", "load_kernels", "uses_cuda"]
+__all__ = ["BACKENDS", "DEVICES", "KERNEL_DIR", "build_key", "check_toolchain", "kernel_sources", "load_kernels", "uses_cuda"]
 
+#: the config's ``nerf.backend`` values (module docstring)
 BACKENDS = ("auto", "cuda", "torch")
+#: the config's ``device`` values: ``auto`` takes a GPU when torch sees one (a NeRF's own ``device`` also takes
+#: ``cuda:N``)
+DEVICES = ("auto", "cpu", "cuda")
 #: the kernel sources, shipped beside the package (repository root / cuda)
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "cuda"
 _log = logging.getLogger("instsim.backend")

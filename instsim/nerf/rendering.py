@@ -28,7 +28,7 @@ from ..cameras import Intrinsics, get_rays
 from .cuda_ops import render_rays_cuda
 from .occupancy import OccupancyGrid
 
-__all__ = ["Samples", "march", "composite", "render_rays", "render", "default_chunk", "ray_box", "transmittance", "background_color"]
+__all__ = ["BACKGROUNDS", "Samples", "march", "composite", "render_rays", "render", "default_chunk", "ray_box", "transmittance", "background_color"]
 
 
 @dataclass
@@ -244,14 +244,21 @@ def render_rays(
     return out
 
 
+#: the backgrounds a render can be composited over by name (rgb in [0, 1]); the config's
+#: ``nerf.validation_background`` is one of them
+BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
+
+
 def background_color(background, like: torch.Tensor) -> torch.Tensor | None:
+    """``background`` (None, a name of :data:`BACKGROUNDS`, one grey level or a ``(3,)`` colour) as a ``(3,)``
+    tensor of ``like``'s dtype and device; None stays None (premultiplied output)."""
     if background is None:
         return None
     if isinstance(background, str):
-        named = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
-        if background not in named:
-            raise ValueError(f"background must be None, 'white', 'black' or 3 numbers, got {background!r}")
-        background = named[background]
+        if background not in BACKGROUNDS:
+            names = ", ".join(f"'{n}'" for n in BACKGROUNDS)
+            raise ValueError(f"background must be None, {names} or 3 numbers, got {background!r}")
+        background = BACKGROUNDS[background]
     bg = torch.as_tensor(background, dtype=like.dtype, device=like.device)
     if bg.numel() == 1:
         bg = bg.expand(3)

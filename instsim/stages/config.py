@@ -27,32 +27,24 @@ MAX_RELATIVE_ZOOM = 4.0
 NERF_WORKFLOW_KEYS = ("preset", "min_psnr", "min_mask_iou", "validation_background")
 
 
-def pose_space(config: Mapping[str, Any]) -> PoseSpace:
-    """The config's binned pose space."""
-    return PoseSpace.from_config(config["pose_space"])
+def pose_space(config: Mapping[str, Any], source: str = "config") -> PoseSpace:
+    """The config's binned pose space (checked: :meth:`~instsim.cameras.PoseSpace.from_config`)."""
+    return PoseSpace.from_config(config["pose_space"], source=source)
 
 
 def target_distribution(config: Mapping[str, Any], source: str = "config") -> dict[str, torch.Tensor]:
     """The target domain's probabilities per factor ``{factor: (bins,)}``, checked against ``pose_space``."""
-    return pose_space(config).check_probs(config["target"]["distribution"], source=source, field="target.distribution")
+    return pose_space(config, source).check_probs(config["target"]["distribution"], source=source, field="target.distribution")
 
 
 def check_config(config: Mapping[str, Any], source: str = "config") -> None:
     """Raise :class:`ConfigError` naming the key for every cross-field problem (the first one found)."""
-    space = config["pose_space"]
-    for name, f in space.items():
-        if not f["high"] > f["low"]:
-            raise ConfigError(source, f"pose_space.{name}", f"high ({f['high']}) must be greater than low ({f['low']})")
-    if not space["zoom"]["low"] > 0:
-        raise ConfigError(source, "pose_space.zoom.low", "the camera distance must be positive")
-    if space["zoom"]["high"] > MAX_RELATIVE_ZOOM:
-        raise ConfigError(source, "pose_space.zoom.high", f"{space['zoom']['high']} is more than {MAX_RELATIVE_ZOOM} times the "
-                          "training cameras' distance: zoom is relative to each class's mean training-camera distance "
+    target_distribution(config, source)  # checks pose_space too
+    zoom_high = config["pose_space"]["zoom"]["high"]
+    if zoom_high > MAX_RELATIVE_ZOOM:
+        raise ConfigError(source, "pose_space.zoom.high", f"{zoom_high} is more than {MAX_RELATIVE_ZOOM} times the training "
+                          "cameras' distance: zoom is relative to each class's mean training-camera distance "
                           "(intrinsics.json radius.mean), not world units")
-    el = space["elevation"]
-    if el["low"] < -90 or el["high"] > 90:
-        raise ConfigError(source, "pose_space.elevation", "elevation must lie within [-90, 90] degrees")
-    target_distribution(config, source)
     nerf = config.get("nerf")
     if nerf is not None:
         nerf_config(nerf["preset"], {k: v for k, v in nerf.items() if k not in NERF_WORKFLOW_KEYS}, source=source)

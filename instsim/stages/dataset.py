@@ -27,11 +27,14 @@ from ..scene import make_hand, render_scene
 from ..seeds import class_seed
 from ..transforms import Frame, read_transforms, write_transforms
 
-__all__ = ["SPLITS", "generate_procedural", "import_folder"]
+__all__ = ["SPLITS", "CLASS_SOURCES", "generate_procedural", "import_folder"]
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+#: where a class's object comes from (the config's ``classes.<name>.source``): ``procedural`` the built-in hand
+#: (:func:`generate_procedural`), ``folder`` a BlenderNeRF / NeRF-synthetic dataset (:func:`import_folder`)
+CLASS_SOURCES = ("procedural", "folder")
 
 
 def dataset_intrinsics(ds_cfg: Mapping[str, Any]) -> Intrinsics:
