@@ -58,6 +58,7 @@ rule neuralsim_control_comparison:
     input:
         learned=res("neuralsim/trajectory.tsv"),
         control=res("neuralsim_control/trajectory.tsv"),
+        target=res("target/val/distribution.json"),
     output:
         report(
             res("neuralsim/control_comparison.png"),

@@ -80,7 +80,11 @@ def optimize(sm):
 
 
 def compare(sm):
-    plot_control_comparison(read_trajectory(sm.input.learned), read_trajectory(sm.input.control), sm.output[0])
+    target = read_json(sm.input.target, "target distribution")
+    if not isinstance(target, dict) or "probabilities" not in target:
+        raise InputError(sm.input.target, "probabilities", "missing (target pose distribution)")
+    plot_control_comparison(read_trajectory(sm.input.learned), read_trajectory(sm.input.control), sm.output[0],
+                            target=target["probabilities"])
 
 
 def main(sm):
