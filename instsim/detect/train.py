@@ -39,6 +39,7 @@ __all__ = [
     "DetectorTrainingError",
     "lr_at",
     "augment_batch",
+    "param_groups",
     "train_detector",
     "finetune",
     "save_detector",

@@ -49,7 +49,7 @@ def check_config(config: Mapping[str, Any], source: str = "config") -> None:
     if nerf is not None:
         nerf_config(nerf["preset"], {k: v for k, v in nerf.items() if k not in NERF_WORKFLOW_KEYS}, source=source)
     if config.get("neuralsim") is not None:
-        from ..neuralsim.loop import NeuralSimConfig
+        from ..neuralsim.config import NeuralSimConfig
 
         NeuralSimConfig.from_dict(config["neuralsim"], source=source)
     det = config.get("detector")

@@ -12,7 +12,6 @@ target probability of the pose bin it falls in.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -20,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..scene.backgrounds import boxes_from_alpha, composite, random_backgrounds
+from ..scene.backgrounds import BOX_OPACITY, boxes_from_alpha, composite, random_backgrounds
 from ..cameras import Intrinsics, PoseSpace, spherical_from_pose
 from ..seeds import class_seed
+from ..synthesis import DetectionCamera, draw_shifts
 from ..errors import InputError
 from .intrinsics import look_at_centre
 from ..io import atomic_dir, write_json, write_png
@@ -32,10 +32,6 @@ from ..transforms import load_views, read_transforms
 __all__ = ["render_target", "coco_categories"]
 
 log = logging.getLogger(__name__)
-
-#: alpha above which a pixel counts as object for the box
-BOX_ALPHA = 0.5
-
 
 def coco_categories(class_names: list[str]) -> list[dict]:
     """COCO categories of the classes in sorted name order (ids from 1), so that reordering the config's
@@ -144,7 +140,8 @@ def render_target(
     n = int(target_cfg["images"][split])
     size = int(target_cfg["image_size"])
     supersample = int(target_cfg["supersample"])
-    intr = Intrinsics.from_fov(size, size, math.radians(float(target_cfg["fov_deg"])))
+    camera = DetectionCamera.from_target_config(target_cfg)
+    intr = camera.intrinsics
     gen = torch.Generator().manual_seed(class_seed(seed, "target", split))
     labels = torch.arange(n) % len(names)
     labels = labels[torch.randperm(n, generator=gen)]
@@ -153,8 +150,7 @@ def render_target(
         raise InputError(None, "radii", f"no training-camera distance for classes {missing}")
     scale = torch.tensor([float(radii[names[int(k)]]) for k in labels], dtype=torch.float64)
     poses = space.sample(probs, n, gen).poses(scale)
-    max_shift = float(target_cfg["max_shift"]) * size
-    shifts = ((torch.rand(n, 2, generator=gen) * 2 - 1) * max_shift).round()
+    shifts = draw_shifts(n, camera.max_shift, gen)
     backgrounds = random_backgrounds(n, size, gen)
 
     renderers: dict[str, Any] = {}
@@ -180,7 +176,7 @@ def render_target(
                 rgba = _shift_image(source.draw(gen), du, dv)
             else:
                 rgba = source(poses[i], intr.shifted(du, dv))
-            box = boxes_from_alpha(rgba[None, ..., 3], BOX_ALPHA)[0]
+            box = boxes_from_alpha(rgba[None, ..., 3], BOX_OPACITY)[0]
             if box[2] <= 0 or box[3] <= 0:
                 raise InputError(
                     None, f"classes.{name}", f"target image {i}: the object is not visible at the sampled pose"
@@ -196,7 +192,7 @@ def render_target(
                     "image_id": i + 1,
                     "category_id": int(labels[i]) + 1,
                     "bbox": [x, y, w, h],
-                    "area": float((rgba[..., 3] > BOX_ALPHA).sum()),
+                    "area": float((rgba[..., 3] > BOX_OPACITY).sum()),
                     "iscrowd": 0,
                 }
             )

@@ -370,7 +370,8 @@ def _no_probabilities(distribution: Path, resume: Path) -> None:
 
 def _resume_of_other_settings(distribution: Path, resume: Path) -> None:
     from instsim.io import save_torch
-    from instsim.neuralsim.loop import CHECKPOINT_FORMAT, NeuralSimConfig
+    from instsim.neuralsim.config import NeuralSimConfig
+    from instsim.neuralsim.resume import CHECKPOINT_FORMAT
 
     # what a run with 5 iterations instead of tiny's 3 left behind (the loop checks the config first)
     other = NeuralSimConfig.from_dict({**tiny_config()["neuralsim"], "iterations": 5, "seed": 0})
@@ -379,7 +380,7 @@ def _resume_of_other_settings(distribution: Path, resume: Path) -> None:
 
 def _truncated_resume(distribution: Path, resume: Path) -> None:
     from instsim.io import save_torch
-    from instsim.neuralsim.loop import CHECKPOINT_FORMAT
+    from instsim.neuralsim.resume import CHECKPOINT_FORMAT
 
     save_torch({"format": CHECKPOINT_FORMAT, "rows": [0.0] * 1000}, resume)
     resume.write_bytes(resume.read_bytes()[:300])

@@ -38,7 +38,8 @@ DETECTOR = dict(image_size=32, num_classes=3, width=4, head_width=4, dilations=(
                 warmup_steps=5, checkpoint_every=10, seed=3)
 #: Neural-Sim: 8 iterations, a checkpoint every 2
 NEURALSIM = {"iterations": 8, "images_per_class": 8, "inner_steps": 2, "inner_lr": 1e-3, "learned": ["elevation"],
-             "pretrain_steps": 0, "psi_lr": 0.1, "eval_every": 4, "checkpoint_every": 2, "seed": 0}
+             "pretrain_steps": 0, "psi_lr": 0.1, "eval_every": 4, "checkpoint_every": 2, "seed": 0,
+             "temperature": 0.5, "relaxation": "soft", "reset_detector": False}
 PACE_S = 0.02
 
 
@@ -73,20 +74,18 @@ def run_detector(workdir: Path) -> int:
 
 def run_neuralsim(workdir: Path, checkpoint: bool = True):
     from instsim.io import save_torch
-    from instsim.neuralsim.loop import NeuralSimConfig, optimize_distribution
-    from test_neuralsim_loop import DETECTOR as DISK_DETECTOR
-    from test_neuralsim_loop import SPACE, TARGET, TARGET_CFG, disk_renderer, make_disk_problem
+    from instsim.neuralsim.config import NeuralSimConfig
+    from instsim.neuralsim.loop import optimize_distribution
+    from test_neuralsim_loop import disk_bilevel, make_disk_problem
 
-    models, centres, val = make_disk_problem()
 
     def say(msg: str) -> None:
         print(msg, flush=True)
         time.sleep(PACE_S)
 
     dist, _, rows = optimize_distribution(
-        models, centres, SPACE, val, TARGET, NeuralSimConfig.from_dict(NEURALSIM), DISK_DETECTOR, TARGET_CFG,
-        checkpoint_path=workdir / "state.pt" if checkpoint else None, progress=False, renderer=disk_renderer,
-        log_fn=say,
+        disk_bilevel(make_disk_problem()), NeuralSimConfig.from_dict(NEURALSIM),
+        checkpoint_path=workdir / "state.pt" if checkpoint else None, progress=False, log_fn=say,
     )
     save_torch({"psi": dist.state_dict(), "rows": rows}, workdir / "psi.pt")
     return 0

@@ -246,8 +246,10 @@ def test_fault_detector_inf_loss(tmp_path, monkeypatch):
 
 
 def test_fault_neuralsim_inf_render(tmp_path):
-    from instsim.neuralsim.loop import NeuralSimConfig, NeuralSimError, optimize_distribution
-    from test_neuralsim_loop import DETECTOR, SPACE, TARGET, TARGET_CFG, disk_renderer, make_disk_problem
+    from instsim.neuralsim.config import NeuralSimConfig
+    from instsim.neuralsim.loop import optimize_distribution
+    from instsim.neuralsim.step import NeuralSimError
+    from test_neuralsim_loop import disk_bilevel, disk_renderer, make_disk_problem
 
     calls = {"plain": 0}
 
@@ -259,11 +261,10 @@ def test_fault_neuralsim_inf_render(tmp_path):
                 out = out * float("inf")
         return out
 
-    models, centres, val = make_disk_problem()
     cfg = NeuralSimConfig.from_dict({**worker.NEURALSIM, "iterations": 4})
     with pytest.raises(NeuralSimError, match=r"diverged.*iteration 2\) is kept"):
-        optimize_distribution(models, centres, SPACE, val, TARGET, cfg, DETECTOR, TARGET_CFG, progress=False,
-                              renderer=inf_images, checkpoint_path=tmp_path / "state.pt", log_fn=lambda m: None)
+        optimize_distribution(disk_bilevel(make_disk_problem(), renderer=inf_images), cfg, progress=False,
+                              checkpoint_path=tmp_path / "state.pt", log_fn=lambda m: None)
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert state["iteration"] == 2
     assert all(math.isfinite(float(v)) for t in state["psi"].values() for v in t.flatten())

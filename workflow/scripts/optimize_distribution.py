@@ -13,7 +13,11 @@ from instsim.stages.config import resolve_device
 from instsim.errors import InputError
 from instsim.io import atomic_path, read_json, write_json
 from instsim.neuralsim.distribution import PoseDistribution
-from instsim.neuralsim.loop import NeuralSimConfig, ValSet, optimize_distribution
+from instsim.neuralsim.config import NeuralSimConfig
+from instsim.neuralsim.loop import optimize_distribution
+from instsim.neuralsim.objective import ValSet
+from instsim.neuralsim.samples import ClassRenderers
+from instsim.neuralsim.step import BilevelProblem
 from instsim.stages.neuralsim_plots import (
     plot_control_comparison,
     plot_learned_vs_target,
@@ -22,6 +26,7 @@ from instsim.stages.neuralsim_plots import (
 )
 from instsim.stages.runner import run_stage
 from instsim.stages.strategies import detector_config, load_class_nerfs, load_coco_images
+from instsim.synthesis import DetectionCamera
 
 log = logging.getLogger("instsim")
 
@@ -50,10 +55,11 @@ def optimize(sm):
     det_cfg = detector_config(p.detector["settings"], p.target["image_size"], len(classes), p.run_seed)
     resume = Path(p.resume)
     log_tsv = resume.with_name("trajectory.tsv")
+    renders = ClassRenderers(models, centres, DetectionCamera.from_target_config(p.target))
+    problem = BilevelProblem(renders, space, ValSet(images, boxes, labels, coco), det_cfg, target, device)
     dist, _, rows = optimize_distribution(
-        models, centres, space, ValSet(images, boxes, labels, coco), target, cfg, det_cfg, p.target,
-        seed=cfg.seed + 1000 * int(p.run_seed), checkpoint_path=resume, log_tsv=log_tsv, update_psi=p.update_psi,
-        log_fn=log.info, device=device,
+        problem, cfg, seed=cfg.seed + 1000 * int(p.run_seed), checkpoint_path=resume, log_tsv=log_tsv,
+        update_psi=p.update_psi, log_fn=log.info,
     )
     out = dist.to_dict()
     out["neuralsim"] = {

@@ -13,7 +13,7 @@ from instsim.io import atomic_path, to_uint8, write_png
 from instsim.stages.report import draw_boxes, image_grid
 from instsim.stages.runner import run_stage
 from instsim.stages.strategies import detector_config, load_class_nerfs, strategy_probs
-from instsim.synthesis import make_synthetic_set
+from instsim.synthesis import DetectionCamera, make_synthetic_set
 
 log = logging.getLogger("instsim")
 
@@ -29,7 +29,8 @@ def main(sm):
     det = sm.params.detector
     # the same seed gives every strategy the same backgrounds, shifts and jitter streams
     synth = make_synthetic_set(
-        models, centres, probs, space, sm.params.target, det["images_per_class"], seed=sm.params.run_seed * 1000 + seed
+        models, centres, probs, space, DetectionCamera.from_target_config(sm.params.target), det["images_per_class"],
+        seed=sm.params.run_seed * 1000 + seed,
     )
     log.info("%s: rendered %d training images (%s)", sm.wildcards.strategy, len(synth.images), synth.class_names)
     cfg = detector_config(det["settings"], sm.params.target["image_size"], len(classes), seed)
