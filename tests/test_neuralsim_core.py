@@ -6,7 +6,6 @@ No NeRF and no detector: the implicit gradient is checked against finite differe
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -588,14 +587,3 @@ def test_outer_loop_with_the_sign_dropped_moves_away(one_thread):
     tv0, tv1 = _outer_loop("cg", 0, steps=30, sign=-1.0)
     assert tv1 > tv0
 
-
-def test_schema_enums_are_the_library_names():
-    """The config schema's enums of inverse-HVP methods and relaxations are the tuples the library defines."""
-    import yaml
-
-    from instsim.neuralsim.implicit import INVERSE_HVP_METHODS
-
-    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
-    ns = schema["properties"]["neuralsim"]["properties"]
-    assert tuple(ns["inverse_hvp"]["properties"]["method"]["enum"]) == INVERSE_HVP_METHODS
-    assert tuple(ns["relaxation"]["enum"]) == RELAXATIONS

@@ -24,8 +24,9 @@ from instsim.detect import DetectorConfig
 from instsim.errors import InputError
 from instsim.nerf.config import PRESETS, NerfConfig
 from instsim.nerf.rendering import BACKGROUNDS
+from instsim.neuralsim.estimator import ESTIMATORS
 from instsim.neuralsim.implicit import INVERSE_HVP_METHODS
-from instsim.neuralsim.loop import PSI_LR_SCHEDULES, InverseHVPConfig, NeuralSimConfig
+from instsim.neuralsim.config import PSI_LR_SCHEDULES, InverseHVPConfig, NeuralSimConfig
 from instsim.neuralsim.sampling import RELAXATIONS
 from instsim.scene import GESTURES
 from instsim.stages.config import NERF_WORKFLOW_KEYS, nerf_config
@@ -63,6 +64,7 @@ ENUMS: dict[str, tuple] = {
     "neuralsim.learned.[]": PoseSpace.FACTORS,
     "neuralsim.inverse_hvp.method": INVERSE_HVP_METHODS,
     "neuralsim.psi_lr_schedule": PSI_LR_SCHEDULES,
+    "neuralsim.estimator": ESTIMATORS,
 }
 
 

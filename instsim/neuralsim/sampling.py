@@ -71,12 +71,17 @@ __all__ = [
     "to_pose_sample",
     "is_circular",
     "RELAXATIONS",
+    "HARD_FORWARD_RELAXATIONS",
 ]
 
 FULL_TURN_DEG = 360.0
 
 #: the relaxations :func:`relaxed_pose_values` implements (module docstring)
 RELAXATIONS = ("soft", "straight_through", "neighbour", "neighbour_st")
+
+#: the relaxations whose forward value is exactly the hard (Gumbel-max) sample: the bin ``argmax(l + g)`` at the
+#: jitter's position inside it (what the score-function estimator needs)
+HARD_FORWARD_RELAXATIONS = ("straight_through", "neighbour_st")
 
 
 @dataclass

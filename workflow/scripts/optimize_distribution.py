@@ -46,7 +46,7 @@ def optimize(sm):
     device = resolve_device(p.device)
     space = PoseSpace.from_config(p.pose_space)
     cfg = NeuralSimConfig.from_dict(p.neuralsim, source="config")
-    models, centres = load_class_nerfs(dict(zip(classes, sm.input.checkpoints)), dict(zip(classes, sm.input.intrinsics)), device)
+    models, centres, radii = load_class_nerfs(dict(zip(classes, sm.input.checkpoints)), dict(zip(classes, sm.input.intrinsics)), device)
     coco, images, boxes, labels = load_coco_images(sm.input.annotations, sm.input.images)
     target_file = read_json(sm.input.distribution, "target distribution")
     if not isinstance(target_file, dict) or "probabilities" not in target_file:
@@ -55,7 +55,7 @@ def optimize(sm):
     det_cfg = detector_config(p.detector["settings"], p.target["image_size"], len(classes), p.run_seed)
     resume = Path(p.resume)
     log_tsv = resume.with_name("trajectory.tsv")
-    renders = ClassRenderers(models, centres, DetectionCamera.from_target_config(p.target))
+    renders = ClassRenderers(models, centres, DetectionCamera.from_target_config(p.target), radii)
     problem = BilevelProblem(renders, space, ValSet(images, boxes, labels, coco), det_cfg, target, device)
     dist, _, rows = optimize_distribution(
         problem, cfg, seed=cfg.seed + 1000 * int(p.run_seed), checkpoint_path=resume, log_tsv=log_tsv,
