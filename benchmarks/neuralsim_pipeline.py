@@ -9,8 +9,9 @@ detectors and evaluations, so variants are compared on the same uniform and orac
         --variant sf0 '{"estimator": "score_function", "seed": 0}' --variant sf1 '{"estimator": "score_function", "seed": 1}'
 
 Writes ``<results>/pipeline_summary.json``: per stage job its wall time, per strategy/variant and detector seed the
-COCO AP, the Neural-Sim TV per factor and the control's trajectory summary. A job's process may be pinned to CPU cores
-(``--cpus-per-job``, Linux ``taskset``) to emulate the 2-core machine the default run targets.
+COCO AP, the Neural-Sim TV per factor and the control's trajectory summary. With ``--loop-device cpu`` each Neural-Sim loop is
+pinned to ``--loop-cores`` cores of its own (Linux ``taskset``), so its time is a time on a machine of that many
+cores (the default run targets 2); the other jobs share the remaining cores.
 """
 
 from __future__ import annotations
@@ -94,13 +95,18 @@ def run_job(spec_path: str) -> None:
 
 
 class Pipeline:
-    def __init__(self, cfg: dict, results: Path, cpus_per_job: int, log_dir: Path) -> None:
-        self.cfg, self.r, self.cpus, self.log_dir = cfg, results, cpus_per_job, log_dir
+    """The jobs of one results folder. ``loop_device``: where the Neural-Sim loops run (``cpu``: each pinned to
+    ``loop_cores`` cores of its own, the first cores of the machine, so its time is a time on that many cores);
+    every other job runs on the config's ``device`` and shares the remaining cores."""
+
+    def __init__(self, cfg: dict, results: Path, log_dir: Path, loop_device: str | None, loop_cores: int) -> None:
+        self.cfg, self.r, self.log_dir = cfg, results, log_dir
+        self.loop_device, self.loop_cores = loop_device, loop_cores
         self.classes = list(cfg["classes"])
         self.times: dict[str, float] = {}
         self.failed: dict[str, int] = {}
-        self._next_cpu = 0
         self.ncpu = os.cpu_count() or 1
+        self._loops = 0
 
     def res(self, p: str) -> str:
         return str(self.r / p)
@@ -111,29 +117,38 @@ class Pipeline:
             spec[key] = json.loads(json.dumps(spec.get(key, {}), default=str))
         return spec
 
-    def _launch(self, name: str, spec: dict) -> int:
+    def _cores(self, spec: dict, n_loops: int) -> list[int] | None:
+        """Dedicated cores for a pinned loop job, the shared rest for the others (None: no pinning)."""
+        if not sys.platform.startswith("linux") or self.loop_device != "cpu" or not self.loop_cores:
+            return None
+        reserved = min(self.ncpu - 1, n_loops * self.loop_cores)
+        if spec.get("pinned_loop") is not None:
+            first = spec["pinned_loop"] * self.loop_cores
+            return [(first + i) % max(1, reserved) for i in range(self.loop_cores)]
+        return list(range(reserved, self.ncpu)) if n_loops else None
+
+    def _launch(self, name: str, spec: dict, n_loops: int = 0) -> int:
         path = self.log_dir / f"{name.replace('/', '_')}.json"
         path.write_text(json.dumps(spec))
         cmd = [sys.executable, __file__, "--job", str(path)]
-        if self.cpus and sys.platform.startswith("linux"):
-            first = self._next_cpu % self.ncpu
-            self._next_cpu += self.cpus
-            cores = ",".join(str((first + i) % self.ncpu) for i in range(self.cpus))
-            cmd = ["taskset", "-c", cores] + cmd
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, self.cpus or 1)), "PYTHONPATH": str(REPO)}
+        cores = self._cores(spec, n_loops)
+        if cores:
+            cmd = ["taskset", "-c", ",".join(map(str, cores))] + cmd
+        threads = self.loop_cores if spec.get("pinned_loop") is not None else int(spec.get("threads", 1))
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads)), "PYTHONPATH": str(REPO)}
         t0 = time.perf_counter()
         with open(self.log_dir / f"{name.replace('/', '_')}.out", "w") as out:
             rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         self.times[name] = round(time.perf_counter() - t0, 2)
         if rc:
             self.failed[name] = rc
-        print(f"{name}: exit {rc} in {self.times[name]:.1f} s", flush=True)
+        print(f"{name}: exit {rc} in {self.times[name]:.1f} s (cores {cores})", flush=True)
         return rc
 
     def phase(self, jobs: dict[str, dict]) -> None:
-        self._next_cpu = 0
+        n_loops = sum(1 for sp in jobs.values() if sp.get("pinned_loop") is not None)
         with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as ex:
-            list(ex.map(lambda kv: self._launch(*kv), jobs.items()))
+            list(ex.map(lambda kv: self._launch(kv[0], kv[1], n_loops), jobs.items()))
 
     # -- the rules ---------------------------------------------------------------------------------------
 
@@ -191,8 +206,9 @@ class Pipeline:
                 "validations": [self.res(f"nerf/{k}/validation.json") for k in self.classes],
                 "intrinsics": [self.res(f"data/{k}/intrinsics.json") for k in self.classes]}
 
-    def optimize(self, name: str, neuralsim: dict, update_psi: bool, device: str | None = None) -> dict:
+    def optimize(self, name: str, neuralsim: dict, update_psi: bool) -> dict:
         c = self.cfg
+        device = self.loop_device
         out = {"distribution": self.res(f"{name}/distribution.json"), "trajectory": self.res(f"{name}/trajectory.tsv")}
         if update_psi:
             out.update(probabilities=self.res(f"{name}/probabilities.png"), learned_vs_target=self.res(f"{name}/learned_vs_target.png"))
@@ -203,7 +219,12 @@ class Pipeline:
                           output=out,
                           params={"classes": self.classes, "pose_space": c["pose_space"], "target": c["target"],
                                   "detector": c["detector"], "neuralsim": neuralsim, "device": device or c["device"],
-                                  "run_seed": c["seed"], "update_psi": update_psi, "resume": self.res(f"{name}/resume/state.pt")})
+                                  "run_seed": c["seed"], "update_psi": update_psi, "resume": self.res(f"{name}/resume/state.pt")},
+                          pinned_loop=self._next_loop() if self.loop_device == "cpu" else None)
+
+    def _next_loop(self) -> int:
+        self._loops += 1
+        return self._loops - 1
 
     def detector(self, strategy: str, seed: int, distribution: str | None, tag: str | None = None) -> tuple[str, dict]:
         c = self.cfg
@@ -239,10 +260,11 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=REPO / "results")
     ap.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
                     help="a Neural-Sim variant: name and neuralsim overrides (JSON); default one variant, the config's")
-    ap.add_argument("--cpu-variant", default=None, help="also run this variant with device cpu on --cpus-per-job cores "
-                    "(the 2-core timing), named <variant>_cpu")
-    ap.add_argument("--cpus-per-job", type=int, default=0, help="pin each job to this many cores (0: no pinning)")
-    ap.add_argument("--skip-until", default=None, choices=["optimize"], help="reuse data, NeRFs and target of --results")
+    ap.add_argument("--loop-device", default=None, help="device of the Neural-Sim loops (default the config's); cpu "
+                    "pins each loop to --loop-cores cores of its own")
+    ap.add_argument("--loop-cores", type=int, default=2)
+    ap.add_argument("--skip-until", default=None, choices=["nerf", "optimize"],
+                    help="reuse the data and target (nerf) or also the NeRFs (optimize) of --results")
     args = ap.parse_args()
     if args.job:
         run_job(args.job)
@@ -251,7 +273,7 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     log_dir = args.results / "pipeline_jobs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    p = Pipeline(cfg, args.results, args.cpus_per_job, log_dir)
+    p = Pipeline(cfg, args.results, log_dir, args.loop_device, args.loop_cores)
     seeds = list(cfg["seeds"])
     variants = {name: {**cfg["neuralsim"], **json.loads(js)} for name, js in args.variant} or {"neuralsim": dict(cfg["neuralsim"])}
     t0 = time.perf_counter()
@@ -259,28 +281,29 @@ def main() -> None:
         p.phase(p.datasets())
         p.phase(p.intrinsics())
         p.phase(p.nerfs_and_target())
+    if args.skip_until in (None, "nerf"):
+        if args.skip_until == "nerf":
+            p.phase({k: v for k, v in p.nerfs_and_target().items() if k.startswith("train_nerf")})
         p.phase(p.validations())
     jobs = {f"optimize_distribution/{n}": p.optimize(n, v, True) for n, v in variants.items()}
     jobs["optimize_distribution/neuralsim_control"] = p.optimize("neuralsim_control", dict(cfg["neuralsim"]), False)
-    if args.cpu_variant:
-        jobs[f"optimize_distribution/{args.cpu_variant}_cpu"] = p.optimize(f"{args.cpu_variant}_cpu", variants[args.cpu_variant],
-                                                                            True, device="cpu")
     for strategy, dist in (("uniform", None), ("oracle", p.res("target/val/distribution.json"))):
         for s in seeds:
             name, spec = p.detector(strategy, s, dist)
             jobs[name] = spec
     p.phase(jobs)
     later = dict(p.detector("neuralsim", s, p.res(f"{n}/distribution.json"), tag=n) for n in
-                 list(variants) + ([f"{args.cpu_variant}_cpu"] if args.cpu_variant else []) for s in seeds
+                 list(variants) for s in seeds
                  if Path(p.res(f"{n}/distribution.json")).exists())
     p.phase(later)
     evals = dict(p.evaluate(st, s) for st in ("uniform", "oracle") for s in seeds)
-    evals.update(dict(p.evaluate("neuralsim", s, tag=n) for n in list(variants) + ([f"{args.cpu_variant}_cpu"] if args.cpu_variant else [])
+    evals.update(dict(p.evaluate("neuralsim", s, tag=n) for n in list(variants)
                       for s in seeds if Path(p.res(f"detector/{n}/seed_{s}/model.pt")).exists()))
     p.phase(evals)
     summary = {"config": str(args.config), "variants": variants, "job_seconds": p.times, "failed": p.failed,
-               "wall_seconds": round(time.perf_counter() - t0, 1), "cpus_per_job": args.cpus_per_job, "AP": {}, "neuralsim": {}}
-    for tag in ["uniform", "oracle", *variants] + ([f"{args.cpu_variant}_cpu"] if args.cpu_variant else []):
+               "wall_seconds": round(time.perf_counter() - t0, 1), "loop_device": args.loop_device,
+               "loop_cores": args.loop_cores, "cpu_count": os.cpu_count(), "AP": {}, "neuralsim": {}}
+    for tag in ["uniform", "oracle", *variants]:
         aps = {}
         for s in seeds:
             f = Path(p.res(f"eval/{tag}/seed_{s}.json"))
@@ -288,7 +311,7 @@ def main() -> None:
                 m = json.loads(f.read_text())
                 aps[str(s)] = {k: m.get(k) for k in ("AP", "AP50", "AP75")}
         summary["AP"][tag] = aps
-    for n in list(variants) + ["neuralsim_control"] + ([f"{args.cpu_variant}_cpu"] if args.cpu_variant else []):
+    for n in list(variants) + ["neuralsim_control"]:
         f = Path(p.res(f"{n}/distribution.json"))
         if f.exists():
             d = json.loads(f.read_text())
