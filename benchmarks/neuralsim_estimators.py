@@ -11,7 +11,7 @@ On the NeRFs and target/val of a finished run (``--results``), from a detector w
   ``dL_val/dpsi`` per class and factor. Reported per factor: the cosine of the mean (over draws and classes) with
   the ground truth, the share of single class-draws with a positive cosine, the relative standard error
   (``|se| / |mean|``) and the seconds per estimate.
-* ``inverse``: on the same draws, ``lambda_max`` of the training loss's Hessian (20 power iterations) and, per
+* ``inverse``: on the first ``--inverse-draws`` draws, ``lambda_max`` of the training loss's Hessian (20 power iterations) and, per
   inverse-HVP setting, the cosine of its per-image influences ``-(dl_i/dtheta) . u`` with those of a reference
   ``u`` (CG, 50 steps, damping 0.01), and its HVP count.
 
@@ -96,7 +96,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
 
 
-def measure(ctx, warm, ns: NeuralSimConfig, draws: int, gt: dict, inverse: bool) -> tuple[dict, dict]:
+def measure(ctx, warm, ns: NeuralSimConfig, draws: int, gt: dict, inverse_draws: int) -> tuple[dict, dict]:
     space, classes = ctx["space"], ctx["classes"]
     gen = generator(ns.seed, 99)
     grads = {e: {f: [] for f in space.FACTORS} for e in ESTIMATORS}
@@ -125,7 +125,7 @@ def measure(ctx, warm, ns: NeuralSimConfig, draws: int, gt: dict, inverse: bool)
             for c in classes:
                 for f, p in dist.learned_parameters(c).items():
                     grads[e][f].append(p.grad.detach().double().cpu().clone())
-        if inverse:
+        if d < inverse_draws:
             hvp_fn = make_hvp(lambda p: detection_loss(det, x, targets), params)
             lam = lambda_max(hvp_fn, v, 20)
             per_image = lambda p: detection_loss(det, x, targets, reduction="none")  # noqa: E731
@@ -176,7 +176,7 @@ def main() -> None:
     ap.add_argument("--ft-images", type=int, default=24)
     ap.add_argument("--ft-seeds", type=int, default=2)
     ap.add_argument("--draws", type=int, default=8)
-    ap.add_argument("--no-inverse", action="store_true")
+    ap.add_argument("--inverse-draws", type=int, default=2, help="draws on which the inverse HVPs are compared")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -206,7 +206,7 @@ def main() -> None:
            "target": read_json(r / "target/val/distribution.json")["probabilities"], "draws": args.draws,
            "ft": {"steps": args.ft_steps, "images_per_class": args.ft_images, "seeds": args.ft_seeds}}
     res["ground_truth"] = ground_truth(ctx, warm, args.ft_steps, args.ft_images, ns.inner_lr, range(args.ft_seeds))
-    res["estimators"], res["inverse"] = measure(ctx, warm, ns, args.draws, res["ground_truth"], not args.no_inverse)
+    res["estimators"], res["inverse"] = measure(ctx, warm, ns, args.draws, res["ground_truth"], args.inverse_draws)
     res["seconds"] = time.perf_counter() - t0
     text = json.dumps(res, indent=1)
     if args.out:

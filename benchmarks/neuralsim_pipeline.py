@@ -285,39 +285,50 @@ def main() -> None:
         if args.skip_until == "nerf":
             p.phase({k: v for k, v in p.nerfs_and_target().items() if k.startswith("train_nerf")})
         p.phase(p.validations())
-    jobs = {f"optimize_distribution/{n}": p.optimize(n, v, True) for n, v in variants.items()}
-    jobs["optimize_distribution/neuralsim_control"] = p.optimize("neuralsim_control", dict(cfg["neuralsim"]), False)
-    for strategy, dist in (("uniform", None), ("oracle", p.res("target/val/distribution.json"))):
-        for s in seeds:
-            name, spec = p.detector(strategy, s, dist)
-            jobs[name] = spec
-    p.phase(jobs)
-    later = dict(p.detector("neuralsim", s, p.res(f"{n}/distribution.json"), tag=n) for n in
-                 list(variants) for s in seeds
-                 if Path(p.res(f"{n}/distribution.json")).exists())
-    p.phase(later)
-    evals = dict(p.evaluate(st, s) for st in ("uniform", "oracle") for s in seeds)
-    evals.update(dict(p.evaluate("neuralsim", s, tag=n) for n in list(variants)
-                      for s in seeds if Path(p.res(f"detector/{n}/seed_{s}/model.pt")).exists()))
-    p.phase(evals)
-    summary = {"config": str(args.config), "variants": variants, "job_seconds": p.times, "failed": p.failed,
-               "wall_seconds": round(time.perf_counter() - t0, 1), "loop_device": args.loop_device,
-               "loop_cores": args.loop_cores, "cpu_count": os.cpu_count(), "AP": {}, "neuralsim": {}}
-    for tag in ["uniform", "oracle", *variants]:
-        aps = {}
-        for s in seeds:
-            f = Path(p.res(f"eval/{tag}/seed_{s}.json"))
+    # after the NeRFs every strategy/variant is a chain of its own (optimize -> detectors -> evaluations), so a slow
+    # variant does not hold up the others; the summary is rewritten whenever a chain ends
+    p.n_loops = len(variants) + 1
+
+    def chain(tag: str, strategy: str, dist: str | None, optimize: dict | None) -> None:
+        if optimize is not None and p._launch(f"optimize_distribution/{tag}", optimize, p.n_loops):
+            return
+        with ThreadPoolExecutor(max_workers=len(seeds)) as ex:
+            list(ex.map(lambda s: p._launch(*p.detector(strategy, s, dist, tag=tag), p.n_loops), seeds))
+        with ThreadPoolExecutor(max_workers=len(seeds)) as ex:
+            list(ex.map(lambda s: p._launch(*p.evaluate(strategy, s, tag=tag), p.n_loops), seeds))
+        write_summary()
+
+    def write_summary() -> None:
+        summary = {"config": str(args.config), "variants": variants, "job_seconds": dict(p.times), "failed": dict(p.failed),
+                   "wall_seconds": round(time.perf_counter() - t0, 1), "loop_device": args.loop_device,
+                   "loop_cores": args.loop_cores, "cpu_count": os.cpu_count(), "AP": {}, "neuralsim": {}}
+        for tag in ["uniform", "oracle", *variants]:
+            aps = {}
+            for s in seeds:
+                f = Path(p.res(f"eval/{tag}/seed_{s}.json"))
+                if f.exists():
+                    m = json.loads(f.read_text())
+                    aps[str(s)] = {k: m.get(k) for k in ("AP", "AP50", "AP75")}
+            summary["AP"][tag] = aps
+        for n in list(variants) + ["neuralsim_control"]:
+            f = Path(p.res(f"{n}/distribution.json"))
             if f.exists():
-                m = json.loads(f.read_text())
-                aps[str(s)] = {k: m.get(k) for k in ("AP", "AP50", "AP75")}
-        summary["AP"][tag] = aps
-    for n in list(variants) + ["neuralsim_control"]:
-        f = Path(p.res(f"{n}/distribution.json"))
-        if f.exists():
-            d = json.loads(f.read_text())
-            summary["neuralsim"][n] = {"classes": d["classes"], **d.get("neuralsim", {})}
-    (args.results / "pipeline_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(json.dumps({k: summary[k] for k in ("AP", "failed", "wall_seconds")}, indent=1))
+                d = json.loads(f.read_text())
+                summary["neuralsim"][n] = {"classes": d["classes"], **d.get("neuralsim", {})}
+        tmp = args.results / "pipeline_summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        tmp.replace(args.results / "pipeline_summary.json")
+        print("summary:", json.dumps({k: summary[k] for k in ("AP", "failed", "wall_seconds")}), flush=True)
+
+    chains = [("uniform", "uniform", None, None), ("oracle", "oracle", p.res("target/val/distribution.json"), None)]
+    chains += [(n, "neuralsim", p.res(f"{n}/distribution.json"), p.optimize(n, v, True)) for n, v in variants.items()]
+    control = p.optimize("neuralsim_control", dict(cfg["neuralsim"]), False)
+    with ThreadPoolExecutor(max_workers=len(chains) + 1) as ex:
+        futures = [ex.submit(chain, *c) for c in chains]
+        futures.append(ex.submit(lambda: (p._launch("optimize_distribution/neuralsim_control", control, p.n_loops), write_summary())))
+        for f in futures:
+            f.result()
+    write_summary()
 
 
 if __name__ == "__main__":
