@@ -135,7 +135,8 @@ class Pipeline:
         if cores:
             cmd = ["taskset", "-c", ",".join(map(str, cores))] + cmd
         threads = self.loop_cores if spec.get("pinned_loop") is not None else int(spec.get("threads", 1))
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads)), "PYTHONPATH": str(REPO)}
+        path_env = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads)), "PYTHONPATH": path_env}
         t0 = time.perf_counter()
         with open(self.log_dir / f"{name.replace('/', '_')}.out", "w") as out:
             rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
