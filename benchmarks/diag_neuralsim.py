@@ -33,11 +33,19 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from instsim.cameras import PoseSpace
-from instsim.detect import DetectorConfig, detection_loss, finetune, train_detector
-from instsim.detect import param_groups
+from instsim.detect import (
+    DetectorConfig,
+    detection_loss,
+    finetune,
+    load_detector,
+    param_groups,
+    save_detector,
+    train_detector,
+)
 from instsim.io import read_json
 from instsim.neuralsim.distribution import PoseDistribution
 from instsim.neuralsim.config import NeuralSimConfig
+from instsim.neuralsim.implicit import inverse_hvp, make_hvp
 from instsim.neuralsim.objective import ValSet, detector_targets, val_loss_and_grad
 from instsim.neuralsim.samples import ClassRenderers
 from instsim.neuralsim.step import BilevelProblem, LoopState, outer_step
@@ -68,12 +76,10 @@ def warm_detector(ctx, steps: int, n: int, cache: Path):
     path = cache / f"warm_{steps}_{n}.pt"
     det_cfg = DetectorConfig.from_dict({**ctx["det"].to_dict(), "steps": steps})
     if path.exists():
-        from instsim.detect import load_detector
         model = load_detector(path)
     else:
         x, b, l = _synth(ctx, None, n, seed=12345)
         model = train_detector(x, b, l, det_cfg, progress=False)
-        from instsim.detect import save_detector
         save_detector(model, path)
     model.cfg = ctx["det"]
     return model.eval()
@@ -102,8 +108,6 @@ def measure_finetune(ctx, warm, steps: int, n: int, lr: float, seeds, factor: st
 
 def measure_influence(ctx, warm, n: int, method: str) -> dict:
     """Per azimuth bin, mean of ``-(dL_train_i/dtheta) . u`` over ``n`` renders per class (u = H^-1 v)."""
-    from instsim.neuralsim.implicit import inverse_hvp, make_hvp
-
     params = tuple(p for p in warm.parameters() if p.requires_grad)
     _, v = val_loss_and_grad(warm, params, ctx["val"], ctx["val_targets"])
     out = {}

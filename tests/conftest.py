@@ -1,6 +1,7 @@
 """Shared fixtures: paths of the repo and its small data, copies of the BlenderNeRF fixture, and the one local
 run of the tiny workflow that every test module reading a finished run shares."""
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 BLENDERNERF_TINY = DATA / "blendernerf_tiny"
+# Two BlenderNeRF classes (lamp, chair) made in real Blender and a COCO target of them with a shifted pose
+# distribution; a copy of shared/data/blender_coco_tiny, whose PROVENANCE.md says how it was made.
+BLENDER_COCO_TINY = DATA / "blender_coco_tiny"
 
 # Two cores on CI: keep torch from oversubscribing them while pytest runs.
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -43,3 +47,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def instsim_logger_reset():
+    """Tests that run a stage in-process (:func:`instsim.stages.runner.run_stage`) point the ``instsim`` logger at
+    the stage's log file and stop it propagating; undo that after each test so the next one's ``caplog`` (on the
+    root logger) sees instsim's records whatever ran before."""
+    yield
+    logger = logging.getLogger("instsim")
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)

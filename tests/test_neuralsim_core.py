@@ -56,17 +56,19 @@ TARGET = {
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_distribution_defaults_learn_azimuth_only_and_start_uniform():
+def test_distribution_defaults_learn_every_factor_and_start_uniform():
     dist = PoseDistribution(_space(), ["fist", "train"])  # "train" would clash with nn.Module.train as an attribute
     params = dict(dist.named_parameters())
-    assert len(params) == 2 and all(p.shape == (8,) for p in params.values())
-    assert dist.learned == ("azimuth",)
+    assert len(params) == 6 and sorted(p.shape[0] for p in params.values()) == [3, 3, 3, 3, 8, 8]
+    assert dist.learned == ("azimuth", "elevation", "zoom")
     for c in dist.classes:
         probs = dist.probs(c)
         for f, bins in (("azimuth", 8), ("elevation", 3), ("zoom", 3)):
             assert torch.allclose(probs[f].double(), torch.full((bins,), 1.0 / bins, dtype=F64), atol=1e-7)
-        assert probs["azimuth"].requires_grad and not probs["elevation"].requires_grad
-        assert set(dist.learned_parameters(c)) == {"azimuth"}
+            assert probs[f].requires_grad
+        assert set(dist.learned_parameters(c)) == {"azimuth", "elevation", "zoom"}
+    one = PoseDistribution(_space(), ["fist"], learned=["azimuth"])  # a fixed factor has no parameter
+    assert one.probs("fist")["azimuth"].requires_grad and not one.probs("fist")["elevation"].requires_grad
     with pytest.raises(KeyError):
         dist.probs("mug")
 
@@ -118,7 +120,7 @@ def test_tv_distance_per_factor_and_mean():
     per, mean = tv_distance(uniform, TARGET, factors=["azimuth"])
     assert mean == pytest.approx(0.525)
     assert tv_distance({"a": [1.0, 0.0]}, {"a": [0.0, 1.0]})[1] == pytest.approx(1.0)
-    tv = PoseDistribution(_space(), ["fist", "palm"]).tv_to(TARGET)  # learned factors by default
+    tv = PoseDistribution(_space(), ["fist", "palm"], learned=["azimuth"]).tv_to(TARGET)  # the learned factors by default
     assert tv["mean"] == pytest.approx(0.525) and tv["per_class"]["palm"] == {"azimuth": pytest.approx(0.525)}
 
 

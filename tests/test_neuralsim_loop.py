@@ -43,7 +43,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _random_nerf(centre) -> InstantNerf:
+def random_nerf(centre) -> InstantNerf:
     torch.manual_seed(0)
     cfg = NerfConfig.cpu(n_levels=4, log2_table=10, base_res=4, max_res=32, hidden_dim=16, grid_res=16, march_steps=128)
     model = InstantNerf(cfg, SceneNormalization.from_bound(list(centre), 1.3)).to(F64)
@@ -57,7 +57,7 @@ def test_render_gradient_wrt_psi_through_the_nerf_matches_finite_differences():
                                    "elevation": {"bins": 3, "low": -30.0, "high": 60.0},
                                    "zoom": {"bins": 3, "low": 2.8, "high": 4.0}})
     centre = torch.tensor([0.1, -0.2, 0.05], dtype=F64)
-    model = _random_nerf(centre)
+    model = random_nerf(centre)
     gen = torch.Generator().manual_seed(1)
     dist = PoseDistribution(space, ["obj"], learned=["azimuth", "elevation", "zoom"], dtype=F64)
     with torch.no_grad():

@@ -12,7 +12,7 @@ from instsim.neuralsim.samples import ClassRenderers, ClassSamples, render_relax
 from instsim.scene.backgrounds import random_backgrounds
 from instsim.seeds import class_seed
 from instsim.synthesis import DetectionCamera, draw_shifts, make_synthetic_set
-from test_neuralsim_loop import _random_nerf
+from test_neuralsim_loop import random_nerf
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -23,7 +23,7 @@ SPACE = PoseSpace.from_config({"azimuth": {"bins": 8, "low": 0.0, "high": 360.0}
 
 def test_strategy_and_loop_paths_render_the_same_images_and_boxes():
     centre = torch.tensor([0.1, -0.2, 0.05], dtype=torch.float64)
-    model = _random_nerf(centre).float()
+    model = random_nerf(centre).float()
     camera = DetectionCamera.from_target_config({"image_size": 16, "fov_deg": 40.0, "max_shift": 0.15})
     n, seed = 5, 3
     probs = SPACE.uniform()

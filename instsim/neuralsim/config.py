@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..cameras import PoseSpace
-from ..config_fields import FieldChecks, is_int, is_number
+from ..config_fields import FieldChecks, dataclass_from_values, is_number
 from ..errors import ConfigError
 from .estimator import ESTIMATORS
 from .implicit import INVERSE_HVP_METHODS
@@ -80,7 +80,7 @@ class NeuralSimConfig:
     psi_lr: Adam learning rate on the logits psi (the first iteration's, with ``psi_lr_schedule: cosine``).
     psi_lr_schedule: ``constant``, or ``cosine``: iteration ``t`` of ``T`` uses ``psi_lr * (1 + cos(pi (t-1) / T)) / 2``,
         meant to let psi settle instead of random-walking at the end (at psi_lr 0.2 it did worse than constant
-        0.1 on the default config: README, Neural-Sim section).
+        0.1 on the default config: docs/experiments.md).
     grad_clip: max global norm of dL_val/dpsi before the Adam step (0 disables).
     pretrain_steps: detector warm start before the loop: steps of ordinary detector training (the
         detector's own schedule and augmentation) on samples of the initial psi (0: start from scratch).
@@ -151,14 +151,11 @@ class NeuralSimConfig:
         ih = self.inverse_hvp
         if ih.method not in INVERSE_HVP_METHODS:
             bad("inverse_hvp.method", f"must be one of {list(INVERSE_HVP_METHODS)}, got {ih.method!r}")
-        if not is_int(ih.k) or ih.k < 0:
-            bad("inverse_hvp.k", f"must be an integer >= 0, got {ih.k!r}")
-        if not is_number(ih.alpha) or ih.alpha <= 0:
-            bad("inverse_hvp.alpha", f"must be a finite number > 0, got {ih.alpha!r}")
-        if not is_number(ih.damping) or ih.damping < 0:
-            bad("inverse_hvp.damping", f"must be a finite number >= 0, got {ih.damping!r}")
-        if not is_int(ih.power_iters) or ih.power_iters < 0:
-            bad("inverse_hvp.power_iters", f"must be an integer >= 0, got {ih.power_iters!r}")
+        ih_check = FieldChecks("neuralsim.inverse_hvp", source)
+        ih_check.ints(ih, ("k",), 0)
+        ih_check.numbers(ih, ("alpha",), 0, strict=True)
+        ih_check.numbers(ih, ("damping",), 0)
+        ih_check.ints(ih, ("power_iters",), 0)
         if self.estimator not in ESTIMATORS:
             bad("estimator", f"must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
         if self.estimator == "score_function" and self.relaxation not in HARD_FORWARD_RELAXATIONS:
@@ -180,22 +177,10 @@ class NeuralSimConfig:
         ih = kwargs.get("inverse_hvp", {})
         if isinstance(ih, InverseHVPConfig):
             ih = asdict(ih)
-        if not isinstance(ih, Mapping):
-            raise ConfigError(source, "neuralsim.inverse_hvp", f"must be a mapping {{method, k, alpha, damping, power_iters}}, got {ih!r}")
-        ih_known = {f.name for f in fields(InverseHVPConfig)}
-        for key in ih:
-            if key not in ih_known:
-                raise ConfigError(source, f"neuralsim.inverse_hvp.{key}", f"unknown option (known: {', '.join(sorted(ih_known))})")
+        ih = FieldChecks("neuralsim.inverse_hvp", source).known_keys(ih, (f.name for f in fields(InverseHVPConfig)), "option")
         learned = kwargs.get("learned", cls.learned)
         if isinstance(learned, str) or not isinstance(learned, Sequence):
             raise ConfigError(source, "neuralsim.learned", f"must be a list of factor names, got {learned!r}")
-        cfg = cls.__new__(cls)
-        for f in fields(cls):
-            default = f.default if f.default_factory is MISSING else f.default_factory()  # type: ignore[misc]
-            object.__setattr__(cfg, f.name, kwargs.get(f.name, default))
-        object.__setattr__(cfg, "learned", tuple(learned))
-        base = asdict(InverseHVPConfig())
-        base.update(ih)
-        object.__setattr__(cfg, "inverse_hvp", InverseHVPConfig(**base))
-        cfg.validate(source)
-        return cfg
+        kwargs["learned"] = tuple(learned)
+        kwargs["inverse_hvp"] = InverseHVPConfig(**{**asdict(InverseHVPConfig()), **ih})  # checked with the whole
+        return dataclass_from_values(cls, kwargs, source)

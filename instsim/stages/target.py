@@ -114,6 +114,55 @@ def _shift_image(rgba: torch.Tensor, du: int, dv: int) -> torch.Tensor:
     return out
 
 
+def _class_renderers(classes: Mapping[str, Mapping[str, Any]], space: PoseSpace, probs: Mapping[str, torch.Tensor],
+                     size: int, supersample: int, device: str | torch.device, radii: Mapping[str, float],
+                     split: str) -> dict[str, Any]:
+    """class -> the hand renderer (procedural) or its views picked by target probability (folder; views outside the
+    pose bins are left out and logged)."""
+    renderers: dict[str, Any] = {}
+    for name in sorted(classes):
+        cfg = classes[name]
+        if cfg["source"] == "procedural":
+            renderers[name] = _procedural_renderer(cfg["gesture"], supersample, device)
+        else:
+            views = _FolderViews(Path(cfg["path"]).expanduser(), space, probs, size, float(radii[name]))
+            if views.outside["total"]:
+                log.warning("target/%s: class %s: %d of %d views lie outside pose_space and are left out (%s)", split,
+                            name, views.outside["total"], views.n_views,
+                            {k: v for k, v in views.outside.items() if k != "total"})
+            renderers[name] = views
+    return renderers
+
+
+def _write_images(out_dir: Path, names: list[str], labels: torch.Tensor, renderers: Mapping[str, Any], poses: torch.Tensor,
+                  shifts: torch.Tensor, backgrounds: torch.Tensor, intr: Intrinsics, gen: torch.Generator, desc: str,
+                  progress: bool) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """Render (or draw) image ``i`` of class ``names[labels[i]]`` shifted by ``shifts[i]`` over ``backgrounds[i]``
+    into ``out_dir/NNNNN.png``; returns the COCO ``images`` and ``annotations`` and the count per class."""
+    size = int(intr.w)
+    images, annotations = [], []
+    counts = {name: 0 for name in names}
+    for i in tqdm(range(len(labels)), desc=desc, unit="img", disable=not progress, mininterval=2.0):
+        name = names[int(labels[i])]
+        du, dv = int(shifts[i, 0]), int(shifts[i, 1])
+        source = renderers[name]
+        if isinstance(source, _FolderViews):
+            rgba = _shift_image(source.draw(gen), du, dv)
+        else:
+            rgba = source(poses[i], intr.shifted(du, dv))
+        box = boxes_from_alpha(rgba[None, ..., 3], BOX_OPACITY)[0]
+        if box[2] <= 0 or box[3] <= 0:
+            raise InputError(None, f"classes.{name}", f"target image {i}: the object is not visible at the sampled pose")
+        file_name = f"{i:05d}.png"
+        write_png(out_dir / file_name, composite(rgba, backgrounds[i]).numpy())
+        images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
+        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": int(labels[i]) + 1,
+                            "bbox": [float(v) for v in box], "area": float((rgba[..., 3] > BOX_OPACITY).sum()),
+                            "iscrowd": 0})
+        counts[name] += 1
+    return images, annotations, counts
+
+
 def render_target(
     classes: Mapping[str, Mapping[str, Any]],
     space: PoseSpace,
@@ -153,50 +202,10 @@ def render_target(
     shifts = draw_shifts(n, camera.max_shift, gen)
     backgrounds = random_backgrounds(n, size, gen)
 
-    renderers: dict[str, Any] = {}
-    for name in names:
-        cfg = classes[name]
-        if cfg["source"] == "procedural":
-            renderers[name] = _procedural_renderer(cfg["gesture"], supersample, device)
-        else:
-            renderers[name] = _FolderViews(Path(cfg["path"]).expanduser(), space, probs, size, float(radii[name]))
-            out = renderers[name].outside
-            if out["total"]:
-                log.warning("target/%s: class %s: %d of %d views lie outside pose_space and are left out (%s)", split,
-                            name, out["total"], renderers[name].n_views, {k: v for k, v in out.items() if k != "total"})
-
-    images, annotations = [], []
-    counts = {name: 0 for name in names}
+    renderers = _class_renderers(classes, space, probs, size, supersample, device, radii, split)
     with atomic_dir(images_dir) as tmp:
-        for i in tqdm(range(n), desc=f"target/{split}", unit="img", disable=not progress, mininterval=2.0):
-            name = names[int(labels[i])]
-            du, dv = int(shifts[i, 0]), int(shifts[i, 1])
-            source = renderers[name]
-            if isinstance(source, _FolderViews):
-                rgba = _shift_image(source.draw(gen), du, dv)
-            else:
-                rgba = source(poses[i], intr.shifted(du, dv))
-            box = boxes_from_alpha(rgba[None, ..., 3], BOX_OPACITY)[0]
-            if box[2] <= 0 or box[3] <= 0:
-                raise InputError(
-                    None, f"classes.{name}", f"target image {i}: the object is not visible at the sampled pose"
-                )
-            rgb = composite(rgba, backgrounds[i])
-            file_name = f"{i:05d}.png"
-            write_png(tmp / file_name, rgb.numpy())
-            images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
-            x, y, w, h = (float(v) for v in box)
-            annotations.append(
-                {
-                    "id": i + 1,
-                    "image_id": i + 1,
-                    "category_id": int(labels[i]) + 1,
-                    "bbox": [x, y, w, h],
-                    "area": float((rgba[..., 3] > BOX_OPACITY).sum()),
-                    "iscrowd": 0,
-                }
-            )
-            counts[name] += 1
+        images, annotations, counts = _write_images(tmp, names, labels, renderers, poses, shifts, backgrounds, intr,
+                                                    gen, f"target/{split}", progress)
     coco = {
         "info": {"description": f"instsim target domain, split {split}", "seed": seed},
         "images": images,

@@ -27,7 +27,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE)]
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from instsim.detect import DetectorConfig, make_shapes_dataset, save_detector, train_detector  # noqa: E402
+from instsim.io import save_torch, write_json, write_png  # noqa: E402
+from instsim.neuralsim.config import NeuralSimConfig  # noqa: E402
+from instsim.neuralsim.loop import optimize_distribution  # noqa: E402
+from reliability_cases import train_nerf_job  # noqa: E402
+from reliability_stage import run_stage_script  # noqa: E402
+from test_neuralsim_loop import disk_bilevel, make_disk_problem  # noqa: E402
 
 torch.set_num_threads(1)  # two shared cores; one thread also keeps the runs bit-for-bit comparable
 
@@ -45,21 +53,14 @@ PACE_S = 0.02
 
 
 def shapes_data():
-    from instsim.detect import make_shapes_dataset
-
     return make_shapes_dataset(64, image_size=32, min_size=6, max_size=14, seed=7)
 
 
 def run_nerf(workdir: Path) -> int:
-    from reliability_cases import train_nerf_job
-    from reliability_stage import run_stage_script
-
     return run_stage_script("train_nerf", train_nerf_job(workdir, **NERF)).exit_code
 
 
 def run_detector(workdir: Path) -> int:
-    from instsim.detect import DetectorConfig, save_detector, train_detector
-
     images, boxes, labels = shapes_data()
     history: list = []
 
@@ -74,12 +75,6 @@ def run_detector(workdir: Path) -> int:
 
 
 def run_neuralsim(workdir: Path, checkpoint: bool = True):
-    from instsim.io import save_torch
-    from instsim.neuralsim.config import NeuralSimConfig
-    from instsim.neuralsim.loop import optimize_distribution
-    from test_neuralsim_loop import disk_bilevel, make_disk_problem
-
-
     def say(msg: str) -> None:
         print(msg, flush=True)
         time.sleep(PACE_S)
@@ -93,10 +88,6 @@ def run_neuralsim(workdir: Path, checkpoint: bool = True):
 
 
 def run_atomic(workdir: Path, writer: str) -> int:
-    import numpy as np
-
-    from instsim.io import save_torch, write_json, write_png
-
     write = {
         "json": lambda value: write_json(workdir / "out.json", {"value": value}),
         "png": lambda value: write_png(workdir / "out.png", np.full((8, 8, 3), value / 10, np.float32)),
