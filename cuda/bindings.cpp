@@ -17,6 +17,13 @@ std::vector<at::Tensor> march_train(const at::Tensor& o, const at::Tensor& d, co
                                     int64_t max_samples);
 std::vector<at::Tensor> march_init(const at::Tensor& o, const at::Tensor& d, const at::Tensor& u,
                                    const at::Tensor& bbox, double dt);
+void march_fixed(const at::Tensor& o, const at::Tensor& d, const at::Tensor& u, const at::Tensor& bbox,
+                 const at::Tensor& occ, int64_t grid, double dt, int64_t max_samples, const at::Tensor& n_active,
+                 at::Tensor total, at::Tensor starts, at::Tensor counts, at::Tensor dropped, at::Tensor ray,
+                 at::Tensor t);
+void compact_samples(const at::Tensor& sigma, const at::Tensor& t_in, const at::Tensor& starts_in,
+                     const at::Tensor& counts_in, double dt, double min_transmittance, at::Tensor total,
+                     at::Tensor starts, at::Tensor counts, at::Tensor dropped, at::Tensor ray, at::Tensor t);
 at::Tensor march_step(const at::Tensor& o, const at::Tensor& d, const at::Tensor& u, const at::Tensor& alive,
                       at::Tensor k_cur, const at::Tensor& k_hi, at::Tensor n_done, const at::Tensor& occ, int64_t grid,
                       double dt, int64_t n_step, int64_t max_samples);
@@ -42,6 +49,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("march_train", &instsim::march_train);
   m.def("march_init", &instsim::march_init);
   m.def("march_step", &instsim::march_step);
+  m.def("march_fixed", &instsim::march_fixed);
+  m.def("compact_samples", &instsim::compact_samples);
   m.def("composite_forward", &instsim::composite_forward);
   m.def("composite_backward", &instsim::composite_backward);
   m.def("composite_step", &instsim::composite_step);

@@ -46,6 +46,17 @@ def test_build_key_follows_sources_and_architecture(tmp_path, monkeypatch):
     assert backend.build_key("9.0") != key
 
 
+def test_training_buffers_grow_and_shrink_with_head_room():
+    from instsim.nerf.cuda_train import _QUANTUM, _capacity
+
+    assert _capacity(40000, 2**16) == 2**16  # fits and is not far too large: kept (no new capture)
+    assert _capacity(2**16 + 1, 2**16) >= 1.25 * (2**16 + 1)  # overflow: grown with head room
+    assert _capacity(2**16 + 1, 2**16) % _QUANTUM == 0
+    shrunk = _capacity(10 * _QUANTUM, 100 * _QUANTUM)  # a tenth used: shrunk
+    assert 10 * _QUANTUM < shrunk < 20 * _QUANTUM
+    assert _capacity(0, 2**20) == _QUANTUM
+
+
 @pytest.mark.skipif(GPU or torch.version.cuda is not None, reason="checks the message of a CPU-only torch")
 def test_missing_cuda_torch_is_named():
     with pytest.raises(InstsimError, match="CPU-only"):
@@ -210,6 +221,102 @@ def test_packed_march_chooses_the_torch_path_samples():
     pts = o[ray] + t[:, None] * d[ray]
     assert grid.is_occupied(pts).float().mean() > 0.999
     assert (counts.long() == torch.bincount(ray, minlength=n)).all()
+
+
+@needs_gpu
+def test_fixed_capacity_march_and_compaction_match_the_packed_path():
+    """The CUDA-graph step's two buffers: the same samples per ray as the packed march, inactive rays empty,
+    rays past the capacity dropped whole, and the compaction keeping exactly the samples before termination."""
+    from instsim.nerf.cuda_ops import _kernels, _march_inputs, composite as cuda_composite, march_packed
+
+    torch.manual_seed(4)
+    grid = OccupancyGrid(32).cuda()
+    grid.occupied = torch.rand(32**3, device="cuda") < 0.2
+    grid.refresh()
+    n, n_active, dt = 3000, 2900, 2 * math.sqrt(3) / 256
+    o = torch.nn.functional.normalize(torch.randn(n, 3, device="cuda"), dim=-1) * 2.5
+    d = torch.nn.functional.normalize(torch.randn(n, 3, device="cuda") * 0.3 - o, dim=-1)
+    u = torch.rand(n, device="cuda")
+    ray, t, starts, counts = march_packed(grid, o, d, dt, jitter=u, max_samples=64)
+    o32, d32, u32, bbox, occ = _march_inputs(grid, o, d, u)
+    k = _kernels(o)
+
+    def fixed(capacity):
+        i32 = dict(dtype=torch.int32, device="cuda")
+        out = dict(total=torch.zeros(1, **i32), starts=torch.full((n,), -7, dtype=torch.int64, device="cuda"),
+                   counts=torch.full((n,), -7, **i32), dropped=torch.full((n,), 9, dtype=torch.uint8, device="cuda"),
+                   ray=torch.zeros(capacity, dtype=torch.int64, device="cuda"), t=torch.full((capacity,), -1.0, device="cuda"))
+        k.march_fixed(o32, d32, u32, bbox, occ, grid.res, dt, 64, torch.tensor([n_active], **i32), out["total"],
+                      out["starts"], out["counts"], out["dropped"], out["ray"], out["t"])
+        return out
+
+    want = int(counts[:n_active].sum())
+    f = fixed(want + 5)
+    assert int(f["total"]) == want and not f["dropped"].any()
+    assert (f["counts"][:n_active] == counts[:n_active]).all() and (f["counts"][n_active:] == 0).all()
+    active = ray < n_active
+    rank = torch.arange(ray.numel(), device="cuda") - starts[ray]
+    slot = f["starts"][ray[active]] + rank[active]
+    assert (f["ray"][slot] == ray[active]).all() and (f["t"][slot] == t[active]).all()
+    # a buffer too small for all: whole rays are dropped, the rest fit, the total says what was asked for
+    g = fixed(want // 2)
+    assert int(g["total"]) == want
+    kept = (g["counts"] > 0) & (g["dropped"] == 0)
+    assert g["dropped"].any() and kept.any() and int(g["counts"].long().sum()) <= want // 2
+    assert (g["counts"][g["dropped"].bool()] == 0).all() and (g["counts"][kept] == counts[kept]).all()
+    # compaction: keeps each ray's samples before the transmittance falls to min_t (the composite's rule)
+    sigma1 = torch.rand(f["t"].numel(), device="cuda") * 400
+    min_t = 1e-2
+    used = cuda_composite(sigma1[slot], torch.zeros(slot.numel(), 3, device="cuda"), t[active], starts[:n_active],
+                          counts[:n_active], dt, min_t)["n_used"]
+    i32 = dict(dtype=torch.int32, device="cuda")
+    total2, starts2, counts2 = torch.zeros(1, **i32), torch.zeros(n, dtype=torch.int64, device="cuda"), torch.zeros(n, **i32)
+    dropped2 = f["dropped"].clone()
+    ray2, t2 = torch.zeros(want, dtype=torch.int64, device="cuda"), torch.zeros(want, device="cuda")
+    k.compact_samples(sigma1, f["t"], f["starts"], f["counts"], dt, min_t, total2, starts2, counts2, dropped2, ray2, t2)
+    assert (counts2[:n_active] == used).all() and int(total2) == int(used.long().sum()) < want
+    first = starts2[:n_active][used > 0]
+    assert (t2[first] == f["t"][f["starts"][:n_active][used > 0]]).all()
+
+
+@needs_gpu
+def test_graph_step_trains_like_the_same_step_run_eagerly(tmp_path, monkeypatch):
+    """The CUDA graph replays the static step: the same training as running it op by op (up to the order of
+    floating-point atomics), and it was captured."""
+    from instsim.stages.intrinsics import extract_intrinsics
+    from instsim.nerf.train import train_nerf
+    from instsim.transforms import load_views
+
+    train = load_views(BLENDERNERF_TINY / "transforms_train.json")
+    info = extract_intrinsics(BLENDERNERF_TINY / "transforms_train.json")
+    cfg = NerfConfig.paper(steps=300, device="cuda", batch_samples=2**15, log_every=100, checkpoint_every=300)
+    out = {}
+    for graphs in ("0", "1"):
+        monkeypatch.setenv("INSTSIM_CUDA_GRAPHS", graphs)
+        out[graphs] = train_nerf(train, info, cfg, tmp_path / graphs / "nerf.pt", tmp_path / graphs / "log.tsv", progress=False)
+    assert out["0"]["cuda_graph_captures"] == 0 and out["1"]["cuda_graph_captures"] >= 1
+    assert out["1"]["psnr"] > 20 and abs(out["1"]["psnr"] - out["0"]["psnr"]) < 1.0, (out["0"]["psnr"], out["1"]["psnr"])
+    assert abs(out["1"]["samples_per_ray"] / out["0"]["samples_per_ray"] - 1) < 0.2
+
+
+@needs_gpu
+def test_graph_step_resumes_and_stops_on_a_non_finite_loss(tmp_path):
+    from instsim.stages.intrinsics import extract_intrinsics
+    from instsim.nerf.checkpoint import read_checkpoint
+    from instsim.nerf.train import train_nerf
+    from instsim.transforms import load_views
+
+    train = load_views(BLENDERNERF_TINY / "transforms_train.json")
+    info = extract_intrinsics(BLENDERNERF_TINY / "transforms_train.json")
+    cfg = NerfConfig.paper(steps=120, device="cuda", batch_samples=2**15, log_every=40, checkpoint_every=40)
+    first = train_nerf(train, info, cfg, tmp_path / "nerf.pt", tmp_path / "log.tsv", progress=False, max_steps=60)
+    assert first["step"] == 60 and not first["finished"]
+    second = train_nerf(train, info, cfg, tmp_path / "nerf.pt", tmp_path / "log.tsv", progress=False)
+    assert second["start_step"] == 60 and second["finished"] and second["psnr"] > 15
+    # a learning rate that blows the weights up: the step is named and no checkpoint is written after it
+    with pytest.raises(InstsimError, match=r"NeRF training diverged: (loss is (nan|inf) at step|non-finite)"):
+        train_nerf(train, info, cfg.replace(lr=1e30, steps=200), tmp_path / "bad.pt", tmp_path / "bad.tsv", progress=False)
+    assert not (tmp_path / "bad.pt").exists() or read_checkpoint(tmp_path / "bad.pt")["step"] < 200
 
 
 # ------------------------------------------------------------------------------------------- rendering
