@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -42,6 +43,8 @@ from instsim.nerf.metrics import composite_rgba, psnr  # noqa: E402
 from instsim.nerf.rendering import render  # noqa: E402
 from instsim.nerf.train import train_nerf  # noqa: E402
 from instsim.nerf.validate import validate_checkpoint  # noqa: E402
+from instsim.scene import make_hand, render_scene  # noqa: E402
+from instsim.seeds import class_seed  # noqa: E402
 from instsim.transforms import Frame, Transforms, Views, load_views  # noqa: E402
 
 TARGET_PSNR = 33.0
@@ -58,11 +61,6 @@ def procedural_views(
     gesture: str, size: int, n_train: int, n_test: int, device: str, seed: int = 0, supersample: int | None = None
 ):
     """Train/test :class:`Views` and a :class:`Transforms` of a hand gesture, rendered like ``generate_dataset``."""
-    import yaml
-
-    from instsim.seeds import class_seed
-    from instsim.scene import make_hand, render_scene
-
     ds = yaml.safe_load((REPO / "config.yaml").read_text())["dataset"]
     intr = Intrinsics.from_fov(size, size, math.radians(float(ds["fov_deg"])))
     scene = make_hand(gesture).to(device)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -48,8 +49,6 @@ def main(argv=None) -> int:
         cfg = cfg.replace(batch_rays=args.rays, batch_samples=0)
     train_nerf(train, info, cfg, work / "nerf.pt", work / "log.tsv", progress=False, max_steps=args.warm)
     torch.cuda.synchronize()
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         train_nerf(train, info, cfg, work / "nerf.pt", work / "log.tsv", progress=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -27,9 +28,13 @@ import torch
 
 from .errors import InstsimError
 
-__all__ = ["BACKENDS", "KERNEL_DIR", "build_key", "check_toolchain", "kernel_sources", "load_kernels", "uses_cuda"]
+__all__ = ["BACKENDS", "DEVICES", "KERNEL_DIR", "build_key", "check_toolchain", "kernel_sources", "load_kernels", "uses_cuda"]
 
+#: the config's ``nerf.backend`` values (module docstring)
 BACKENDS = ("auto", "cuda", "torch")
+#: the config's ``device`` values: ``auto`` takes a GPU when torch sees one (a NeRF's own ``device`` also takes
+#: ``cuda:N``)
+DEVICES = ("auto", "cpu", "cuda")
 #: the kernel sources, shipped beside the package (repository root / cuda)
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "cuda"
 _log = logging.getLogger("instsim.backend")
@@ -54,7 +59,7 @@ def build_key(arch: str) -> str:
 def check_toolchain() -> None:
     """Raise :class:`InstsimError` naming what is missing to build the kernels: a CUDA build of torch, nvcc,
     a C++ compiler, ninja, the sources."""
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # imported here: it pulls in setuptools, needed only to build the kernels
 
     if torch.version.cuda is None:
         raise InstsimError("the CUDA kernels need a CUDA build of torch; this one is CPU-only (use nerf.backend: torch)")
@@ -84,7 +89,7 @@ def load_kernels(device_index: int = 0) -> ModuleType:
     if not torch.cuda.is_available():
         raise InstsimError("the CUDA kernels need a GPU, and torch sees none (use nerf.backend: torch)")
     check_toolchain()
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # imported here: it pulls in setuptools, needed only to build the kernels
 
     major, minor = torch.cuda.get_device_capability(device_index)
     arch = f"{major}.{minor}"
@@ -124,8 +129,6 @@ def load_kernels(device_index: int = 0) -> ModuleType:
 
 
 def _import_library(name: str, path: Path) -> ModuleType:
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise InstsimError(f"cannot import the CUDA kernels from {path}")

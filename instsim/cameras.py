@@ -385,11 +385,38 @@ class PoseSpace:
     zoom: BinnedFactor
 
     FACTORS = ("azimuth", "elevation", "zoom")
+    #: most bins of one factor (one per degree of azimuth)
+    MAX_BINS = 360
 
     @classmethod
-    def from_config(cls, cfg: Mapping) -> "PoseSpace":
-        """From the config's ``pose_space`` section: ``{factor: {bins, low, high}}``."""
-        return cls(*(BinnedFactor(f, float(cfg[f]["low"]), float(cfg[f]["high"]), int(cfg[f]["bins"])) for f in cls.FACTORS))
+    def from_config(cls, cfg: Mapping, source: str | None = None, field: str = "pose_space") -> "PoseSpace":
+        """From the config's ``pose_space`` section: ``{factor: {bins, low, high}}``.
+
+        Raises :class:`InputError` naming ``source`` and ``<field>.<factor>[.<key>]`` for a missing factor or key,
+        bins not an integer in ``[1, MAX_BINS]``, ``high <= low``, a zoom (camera distance) that is not positive or
+        an elevation outside ``[-90, 90]`` degrees."""
+        factors = []
+        for f in cls.FACTORS:
+            sec = cfg.get(f) if isinstance(cfg, Mapping) else None
+            if not isinstance(sec, Mapping):
+                raise InputError(source, f"{field}.{f}", "missing: needs {bins, low, high}")
+            for key in ("bins", "low", "high"):
+                if key not in sec:
+                    raise InputError(source, f"{field}.{f}.{key}", "missing")
+            bins, low, high = sec["bins"], sec["low"], sec["high"]
+            if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= cls.MAX_BINS:
+                raise InputError(source, f"{field}.{f}.bins", f"must be an integer in [1, {cls.MAX_BINS}], got {bins!r}")
+            for key, v in (("low", low), ("high", high)):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise InputError(source, f"{field}.{f}.{key}", f"must be a finite number, got {v!r}")
+            if not high > low:
+                raise InputError(source, f"{field}.{f}", f"high ({high}) must be greater than low ({low})")
+            factors.append(BinnedFactor(f, float(low), float(high), bins))
+        if not factors[2].low > 0:
+            raise InputError(source, f"{field}.zoom.low", "the camera distance must be positive")
+        if factors[1].low < -90 or factors[1].high > 90:
+            raise InputError(source, f"{field}.elevation", "elevation must lie within [-90, 90] degrees")
+        return cls(*factors)
 
     def factor(self, name: str) -> BinnedFactor:
         return getattr(self, name)

@@ -129,7 +129,7 @@ def read_image(path: str | Path, field: str | None = None) -> np.ndarray:
 
 def save_torch(obj: Any, path: str | Path) -> None:
     """``torch.save`` atomically (checkpoints: a kill mid-write leaves the previous file intact)."""
-    import torch
+    import torch  # imported here: the json/png helpers serve stages that never load torch (summarize; ~1 s saved)
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -141,7 +141,7 @@ def load_torch(path: str | Path, fmt: str, what: str, hint: str = "") -> dict:
     A file that cannot be read (corrupt, truncated, not torch) or holds something else raises
     :class:`InputError` naming the file; ``what`` says what was expected ("a detector checkpoint") and
     ``hint`` is added to the message (e.g. "; delete it to start over")."""
-    import torch
+    import torch  # imported here: see save_torch
 
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)

@@ -161,3 +161,30 @@ def test_bad_probabilities_name_the_factor(probs, msg):
     )
     with pytest.raises(InputError, match=msg):
         space.check_probs(probs, source="cfg.yaml", field="target.distribution")
+
+
+_SPACE = {"azimuth": {"bins": 2, "low": 0, "high": 360}, "elevation": {"bins": 1, "low": 0, "high": 30},
+          "zoom": {"bins": 1, "low": 3, "high": 4}}
+
+
+@pytest.mark.parametrize(
+    "factor, change, field, msg",
+    [
+        ("azimuth", {"high": 0}, "pose_space.azimuth", "greater than low"),
+        ("zoom", {"low": 0, "high": 2}, "pose_space.zoom.low", "camera distance must be positive"),
+        ("elevation", {"high": 95}, "pose_space.elevation", r"\[-90, 90\]"),
+        ("azimuth", {"bins": 0}, "pose_space.azimuth.bins", "integer in"),
+        ("azimuth", {"bins": 2.5}, "pose_space.azimuth.bins", "integer in"),
+        ("zoom", {"low": float("nan")}, "pose_space.zoom.low", "finite"),
+    ],
+)
+def test_bad_pose_space_names_the_key(factor, change, field, msg):
+    """PoseSpace checks itself (the workflow's check_config relies on it): the library refuses what the config does."""
+    cfg = {f: dict(v) for f, v in _SPACE.items()}
+    cfg[factor].update(change)
+    with pytest.raises(InputError, match=msg) as err:
+        PoseSpace.from_config(cfg, source="cfg.yaml")
+    assert err.value.field == field and "cfg.yaml" in str(err.value)
+    missing = {f: v for f, v in _SPACE.items() if f != factor}
+    with pytest.raises(InputError, match="missing"):
+        PoseSpace.from_config(missing)

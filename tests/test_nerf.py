@@ -15,8 +15,9 @@ from instsim.errors import InputError, InstsimError
 from instsim.stages.intrinsics import extract_intrinsics
 from instsim.nerf.checkpoint import FORMAT_VERSION, load_checkpoint, read_checkpoint, save_checkpoint
 from instsim.nerf.config import NerfConfig, resolve_max_res
-from instsim.nerf.encoding import HASH_PRIMES, HashEncoding, _HashInterp, sh_encode
+from instsim.nerf.encoding import HASH_PRIMES, HashEncoding, HashInterp, sh_encode
 from instsim.nerf.metrics import compare_image, mask_iou, psnr, ssim
+from instsim.nerf import rendering
 from instsim.nerf.network import InstantNerf
 from instsim.nerf.normalization import SceneNormalization
 from instsim.nerf.occupancy import OccupancyGrid
@@ -91,7 +92,7 @@ def test_hash_encoding_gradients_table_and_positions():
     idx, frac = enc.corners(x)
     table = enc.table.detach().clone().requires_grad_()
     frac = frac.detach().requires_grad_()
-    assert torch.autograd.gradcheck(lambda t, f: _HashInterp.apply(t, idx, f), (table, frac))
+    assert torch.autograd.gradcheck(lambda t, f: HashInterp.apply(t, idx, f), (table, frac))
     # positions through the whole encoding (away from cell faces, where trilinear blending has kinks)
     xg = (torch.rand(5, 3, dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
     assert torch.autograd.gradcheck(enc, (xg,))
@@ -194,6 +195,32 @@ def test_render_shapes_uv_and_batches():
     # chunking does not change the result
     small = render(model, poses[1], intr, background="white", chunk=7)
     assert torch.allclose(small["rgb"], full["rgb"][1], atol=1e-5)
+
+
+@pytest.mark.parametrize("cuda_kernels", [False, True])
+def test_render_honours_the_callers_chunk(monkeypatch, cuda_kernels):
+    """``chunk`` bounds the rays per pass on both paths (the CUDA path used to raise it to 2^18 / 2^21 silently);
+    without one, each path takes its default. The CUDA branch is exercised on the CPU by stubbing the pass."""
+    passes: list[int] = []
+
+    def counting_pass(model, o, d):
+        passes.append(o.shape[0])
+        return {"rgb": o.new_zeros(o.shape[0], 3), "opacity": o.new_zeros(o.shape[0]), "depth": o.new_zeros(o.shape[0])}
+
+    monkeypatch.setattr(rendering, "render_rays", counting_pass)
+    monkeypatch.setattr(InstantNerf, "uses_cuda_kernels", property(lambda self: cuda_kernels))
+    model = _random_model(torch.float32)
+    intr = Intrinsics.from_fov(40, 30, 0.7)
+    pose = pose_from_spherical(torch.tensor(0.3), torch.tensor(0.2), torch.tensor(3.0)).float()
+    render(model, pose, intr, chunk=500)
+    assert passes == [500, 500, 200]
+    passes.clear()
+    render(model, pose, intr)
+    assert passes == [1200] and rendering.default_chunk(cuda_kernels, False) >= 1200
+    assert rendering.default_chunk(True, False) == 2**21 and rendering.default_chunk(True, True) == 2**18
+    assert rendering.default_chunk(False, True) == 2**15
+    with pytest.raises(ValueError, match="chunk"):
+        render(model, pose, intr, chunk=0)
 
 
 # ---------------------------------------------------------------------------------------------------------

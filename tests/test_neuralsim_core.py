@@ -343,6 +343,35 @@ def test_inverse_hvp_methods_on_spd_matrix():
     assert torch.equal(u[0], v[0])
 
 
+def test_neumann_curvature_guard_keeps_the_sign_where_the_fixed_step_flips_it():
+    """lambda_max = 250: the old fixed step (alpha 0.01, k 5) returns about -10x H^-1 v along the top eigenvector
+    (sign flipped, finite); with the power-iteration guard every eigen-component keeps the sign of H^-1 v."""
+    from instsim.neuralsim.implicit import INVERSE_HVP_METHODS
+
+    gen = torch.Generator().manual_seed(7)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=F64))
+    eigs = torch.tensor([1.0, 3.0, 10.0, 40.0, 100.0, 250.0], dtype=F64)
+    a = q @ torch.diag(eigs) @ q.T
+    v = (q @ torch.tensor([1.0, -1.0, 2.0, 0.5, -1.5, 1.0], dtype=F64),)
+    fn = lambda vec: (a @ vec[0],)  # noqa: E731
+    exact = q.T @ torch.linalg.solve(a, v[0])  # H^-1 v in the eigenbasis
+    old = q.T @ inverse_hvp(fn, v, "neumann", k=5, alpha=0.01)[0]
+    assert old[-1] * exact[-1] < 0 and float(old[-1] / exact[-1]) == pytest.approx(-10.4, abs=0.1)
+    info: dict = {}
+    guarded = q.T @ inverse_hvp(fn, v, "neumann", k=5, alpha=0.01, damping=0.01, power_iters=8, info=info)[0]
+    assert (guarded * exact > 0).all(), (guarded, exact)
+    assert info["lambda_max"] == pytest.approx(250.01, rel=0.02) and info["alpha"] <= 1.0 / info["lambda_max"] + 1e-15
+    assert info["hvps"] == 5 + 8
+    # a step already below 1/lambda_max is kept as given
+    small: dict = {}
+    inverse_hvp(fn, v, "neumann", k=2, alpha=1e-3, power_iters=4, info=small)
+    assert small["alpha"] == 1e-3
+    cg_info: dict = {}
+    cg = q.T @ inverse_hvp(fn, v, "cg", k=6, damping=0.0, info=cg_info)[0]
+    assert torch.allclose(cg, exact, rtol=1e-6) and cg_info["iterations"] == 6
+    assert INVERSE_HVP_METHODS == ("identity", "neumann", "cg")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # implicit gradient vs finite differences: weighted ridge regression with a closed-form inner solution
 # ---------------------------------------------------------------------------------------------------------

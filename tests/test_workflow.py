@@ -98,6 +98,7 @@ def test_folder_class_imports_blendernerf(tmp_path):
         ({"classes": {"cup": {"source": "teapot"}}}, "classes.cup.source"),
         ({"classes": {"mug": {"source": "folder", "path": "/nonexistent/mug"}}}, "classes.mug.path"),
         ({"target": {**tiny_config()["target"], "distribution": {"azimuth": [1.0], "elevation": [0.2, 0.3, 0.5], "zoom": [0.2, 0.3, 0.5]}}}, "target.distribution.azimuth"),
+        ({"pose_space": {**tiny_config()["pose_space"], "zoom": {"bins": 3, "low": 0.0, "high": 4.4}}}, "pose_space.zoom.low"),
         ({"seeds": []}, "seeds"),
         ({"extra_key": 1}, "Additional properties are not allowed ('extra_key'"),
         ({"nerf": {**tiny_config()["nerf"], "hash_size": 3}}, "nerf.hash_size"),

@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from ..config_fields import is_int, is_number
 from ..errors import InputError
 from .decode import Detections
 
@@ -35,14 +35,6 @@ __all__ = [
 
 _GT_SOURCE = "<ground-truth dict>"
 _DET_SOURCE = "<detections>"
-
-
-def _is_num(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _is_int(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, int)
 
 
 def make_coco_gt(
@@ -111,11 +103,22 @@ def _list_field(d: Mapping, key: str, source: str, allow_empty: bool, what: str)
 
 
 def _check_bbox(bbox: Any, source: str, field: str, allow_zero: bool = False) -> list[float]:
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_num(v) for v in bbox):
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
         raise InputError(source, field, f"must be [x, y, width, height] with 4 finite numbers, got {bbox!r}")
     if (bbox[2] < 0 or bbox[3] < 0) if allow_zero else (bbox[2] <= 0 or bbox[3] <= 0):
         raise InputError(source, field, f"width and height must be {'>= 0' if allow_zero else '> 0'} pixels, got {bbox!r}")
     return [float(v) for v in bbox]
+
+
+def _check_record(record: Any, source: str, field: str, kind: str, seen_ids: set) -> None:
+    """``record`` (``images[i]``, ``categories[i]`` or ``annotations[i]``, named by ``field``) is an object with an
+    integer ``id`` not in ``seen_ids``; ``kind`` names the id in the message."""
+    if not isinstance(record, Mapping):
+        raise InputError(source, field, f"must be an object, got {type(record).__name__}")
+    if "id" not in record or not is_int(record["id"]):
+        raise InputError(source, f"{field}.id", f"must be an integer {kind} id, got {record.get('id')!r}")
+    if record["id"] in seen_ids:
+        raise InputError(source, f"{field}.id", f"duplicate {kind} id {record['id']}")
 
 
 def validate_coco(d: Any, source: str | Path | None = None) -> dict:
@@ -135,26 +138,16 @@ def validate_coco(d: Any, source: str | Path | None = None) -> dict:
 
     out_images, image_ids = [], set()
     for i, img in enumerate(images):
-        if not isinstance(img, Mapping):
-            raise InputError(src, f"images[{i}]", f"must be an object, got {type(img).__name__}")
-        if "id" not in img or not _is_int(img["id"]):
-            raise InputError(src, f"images[{i}].id", f"must be an integer image id, got {img.get('id')!r}")
-        if img["id"] in image_ids:
-            raise InputError(src, f"images[{i}].id", f"duplicate image id {img['id']}")
+        _check_record(img, src, f"images[{i}]", "image", image_ids)
         for key in ("width", "height"):
-            if key in img and not (_is_num(img[key]) and img[key] > 0):
+            if key in img and not (is_number(img[key]) and img[key] > 0):
                 raise InputError(src, f"images[{i}].{key}", f"must be a positive number of pixels, got {img[key]!r}")
         image_ids.add(img["id"])
         out_images.append(dict(img))
 
     out_cats, cat_ids = [], set()
     for i, cat in enumerate(cats):
-        if not isinstance(cat, Mapping):
-            raise InputError(src, f"categories[{i}]", f"must be an object, got {type(cat).__name__}")
-        if "id" not in cat or not _is_int(cat["id"]):
-            raise InputError(src, f"categories[{i}].id", f"must be an integer category id, got {cat.get('id')!r}")
-        if cat["id"] in cat_ids:
-            raise InputError(src, f"categories[{i}].id", f"duplicate category id {cat['id']}")
+        _check_record(cat, src, f"categories[{i}]", "category", cat_ids)
         if "name" in cat and not isinstance(cat["name"], str):
             raise InputError(src, f"categories[{i}].name", f"must be a string, got {cat['name']!r}")
         cat_ids.add(cat["id"])
@@ -163,12 +156,7 @@ def validate_coco(d: Any, source: str | Path | None = None) -> dict:
     out_anns, ann_ids = [], set()
     for i, ann in enumerate(anns):
         f = f"annotations[{i}]"
-        if not isinstance(ann, Mapping):
-            raise InputError(src, f, f"must be an object, got {type(ann).__name__}")
-        if "id" not in ann or not _is_int(ann["id"]):
-            raise InputError(src, f"{f}.id", f"must be an integer annotation id, got {ann.get('id')!r}")
-        if ann["id"] in ann_ids:
-            raise InputError(src, f"{f}.id", f"duplicate annotation id {ann['id']}")
+        _check_record(ann, src, f, "annotation", ann_ids)
         ann_ids.add(ann["id"])
         if "image_id" not in ann:
             raise InputError(src, f"{f}.image_id", "missing")
@@ -183,7 +171,7 @@ def validate_coco(d: Any, source: str | Path | None = None) -> dict:
             raise InputError(src, f"{f}.bbox", "missing")
         bbox = _check_bbox(ann["bbox"], src, f"{f}.bbox")
         area = ann.get("area", bbox[2] * bbox[3])
-        if not (_is_num(area) and area >= 0):
+        if not (is_number(area) and area >= 0):
             raise InputError(src, f"{f}.area", f"must be a finite number >= 0, got {area!r}")
         iscrowd = ann.get("iscrowd", 0)
         if iscrowd not in (0, 1) or isinstance(iscrowd, bool):
@@ -232,7 +220,7 @@ def validate_detections(dets: Any, gt: Mapping, source: str | Path | None = None
         if r["category_id"] not in cat_ids:
             raise InputError(src, f"{f}.category_id", f"unknown category id {r['category_id']!r} (known: {sorted(cat_ids)})")
         bbox = _check_bbox(r["bbox"], src, f"{f}.bbox", allow_zero=True)
-        if not _is_num(r["score"]):
+        if not is_number(r["score"]):
             raise InputError(src, f"{f}.score", f"must be a finite number, got {r['score']!r}")
         out.append({"image_id": r["image_id"], "category_id": r["category_id"], "bbox": bbox, "score": float(r["score"])})
     return out
@@ -271,6 +259,8 @@ def evaluate_coco(
     else:
         res = validate_detections(list(detections), gt_d)
 
+    # imported here, not at the top: only the metrics need pycocotools (a compiled package), so detector training
+    # and the Neural-Sim loop run on machines where it is not installed
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 

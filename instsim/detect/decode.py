@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .model import DetectorOutput
 
@@ -153,8 +154,6 @@ def predict(
     try:
         starts = range(0, len(images), batch_size)
         if progress:
-            from tqdm.auto import tqdm
-
             starts = tqdm(starts, desc="detect", unit="batch")
         for i in starts:
             x = as_float_images(images[i:i + batch_size]).to(device=device, dtype=dtype)

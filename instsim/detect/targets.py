@@ -13,7 +13,10 @@ For an object with (clipped) box centre ``(cx, cy)`` pixels and size ``(bw, bh)`
 * ``mask[0, j, i] = 1`` (where size/offset are supervised). When two objects share a centre cell the
   smaller box wins the regression targets (both keep their heatmap peak when of different classes).
 
-Encoding runs once, outside any autograd graph.
+Encoding runs once, outside any autograd graph. :func:`with_box_gradient` then makes the size and offset
+targets of a one-object-per-image batch tensor functions of boxes that carry a gradient (e.g. with respect to the
+camera pose that rendered them); the heatmap target stays constant: it changes only when the centre cell or the
+integer Gaussian radius jumps, so its derivative is zero almost everywhere.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-__all__ = ["DetectionTargets", "gaussian_radius", "encode_targets", "clip_boxes"]
+__all__ = ["DetectionTargets", "gaussian_radius", "encode_targets", "clip_boxes", "with_box_gradient"]
 
 
 class DetectionTargets(NamedTuple):
@@ -170,3 +173,42 @@ def encode_targets(
         mask[b, 0, y, x] = 1.0
     counts.index_add_(0, bi, torch.ones_like(bi, dtype=torch.float64))
     return DetectionTargets(heat.view(B, C, h, w).to(dtype), size.to(dtype), offset.to(dtype), mask.to(dtype), counts.to(dtype))
+
+
+def with_box_gradient(targets: DetectionTargets, boxes: torch.Tensor, stride: int = 4) -> DetectionTargets:
+    """``targets`` with the size and offset targets of every image's centre cell replaced by tensor functions of
+    ``boxes``, so that a loss on them is differentiable with respect to the boxes.
+
+    The cells are those :func:`encode_targets` chose from the same boxes (detached): forward, the result equals
+    ``targets``; backward, ``size = log(clipped w / stride), log(h / stride)`` and ``offset = clipped centre / stride
+    - cell`` pass the gradient to ``boxes``. Images whose box was dropped (``mask`` all zero) keep their targets.
+
+    Args:
+        targets: from :func:`encode_targets` of ``boxes.detach()`` (one box per image), ``(B, ...)`` tensors.
+        boxes: ``(B, 4)`` xywh pixels, one box per image, any float dtype, may require grad.
+        stride: the encoding's output stride.
+
+    Returns:
+        :class:`DetectionTargets` in ``targets``' dtype; ``size`` and ``offset`` carry the gradient.
+    """
+    B, _, h, w = targets.mask.shape
+    if boxes.ndim != 2 or boxes.shape != (B, 4):
+        raise ValueError(f"boxes must be (B, 4) = ({B}, 4), one box per image, got {tuple(boxes.shape)}")
+    if (targets.num_objects > 1).any():
+        raise ValueError("with_box_gradient takes one object per image (the Neural-Sim training images)")
+    dtype = targets.size.dtype
+    bx = clip_boxes(boxes.to(dtype), h * stride, w * stride)
+    cx = (bx[:, 0] + 0.5 * bx[:, 2]) / stride
+    cy = (bx[:, 1] + 0.5 * bx[:, 3]) / stride
+    gx = cx.detach().floor().clamp(0, w - 1)
+    gy = cy.detach().floor().clamp(0, h - 1)
+    # log of a box clipped to zero width would be -inf; such images have no mask cell and keep their targets
+    tiny = torch.finfo(dtype).tiny
+    size = torch.stack([torch.log(bx[:, 2].clamp_min(tiny)), torch.log(bx[:, 3].clamp_min(tiny))], 1) - math.log(stride)
+    offset = torch.stack([cx - gx, cy - gy], 1)
+    cell = torch.zeros(B, 1, h, w, dtype=dtype, device=targets.mask.device)
+    cell[torch.arange(B), 0, gy.long(), gx.long()] = 1.0
+    cell = cell * targets.mask  # only where encode_targets supervises
+    new_size = targets.size * (1 - cell) + cell * size[:, :, None, None]
+    new_offset = targets.offset * (1 - cell) + cell * offset[:, :, None, None]
+    return DetectionTargets(targets.heatmap, new_size, new_offset, targets.mask, targets.num_objects)

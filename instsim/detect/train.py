@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..io import load_torch, save_torch
 from ..errors import ConfigError, InputError, InstsimError
@@ -297,8 +298,6 @@ def train_detector(
     if start < stop:
         say(f"training detector: {n} images, steps {start}..{stop} of {total} "
             f"({steps_per_epoch(n, cfg.batch_size)}/epoch, batch {cfg.batch_size})")
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=stop, initial=min(start, stop), desc="detector", unit="step", disable=not progress or start >= stop)
     model.train()
     cache: dict = {}
@@ -379,8 +378,6 @@ def finetune(
     dtype, device = p0.dtype, p0.device
     cache: dict = {}
     aug_cfg = DetectorConfig.from_dict({**cfg.to_dict(), "seed": seed})
-    from tqdm.auto import tqdm
-
     try:
         for step in tqdm(range(steps), desc="finetune", unit="step", disable=not progress):
             idx = _batch_indices(seed, step, len(images), bs, cache)

@@ -20,9 +20,15 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
+from ..backend import BACKENDS, DEVICES
 from ..errors import InputError
 
-__all__ = ["NerfConfig", "CONSTRUCTION_KEYS", "resolve_max_res"]
+__all__ = ["NerfConfig", "CONSTRUCTION_KEYS", "PRESETS", "LOSSES", "resolve_max_res"]
+
+#: the named settings (:meth:`NerfConfig.preset`): ``cpu`` the benchmarked 2-core default, ``paper`` Instant-NGP's
+PRESETS = ("cpu", "paper")
+#: photometric training losses (:attr:`NerfConfig.loss`)
+LOSSES = ("l2", "huber")
 
 #: the keys that decide the network's shape and the scene sampling; a checkpoint must agree on these to be
 #: resumed or loaded into the same model (the rest only steer training).
@@ -165,8 +171,8 @@ class NerfConfig:
     def preset(cls, name: str, overrides: Mapping[str, Any] | None = None, source: str | None = None) -> "NerfConfig":
         """``"cpu"`` or ``"paper"`` with a config file's overrides (unknown keys raise :class:`InputError`
         naming ``source`` and the key)."""
-        if name not in ("cpu", "paper"):
-            raise InputError(source, "nerf.preset", f"must be 'cpu' or 'paper', got {name!r}")
+        if name not in PRESETS:
+            raise InputError(source, "nerf.preset", f"must be one of {list(PRESETS)}, got {name!r}")
         base = cls.cpu().to_dict() if name == "cpu" else cls().to_dict()
         known = set(base)
         for key in overrides or {}:
@@ -239,27 +245,27 @@ class NerfConfig:
         check_int("march_steps", 2)
         check_int("max_samples", 1)
         check_float("min_transmittance", 0.0, 1.0, hi_open=True)
-        check_int("steps", 0)
+        check_int("steps", 1)
         check_int("batch_rays", 1)
         check_int("batch_samples", 0)
         check_float("lr", 0.0, 10.0, lo_open=True)
         check_float("lr_final_ratio", 0.0, 1.0, lo_open=True)
         check_int("lr_warmup", 0)
         check_float("weight_decay", 0.0, 1.0)
-        if self.loss not in ("l2", "huber"):
-            bad("loss", "must be 'l2' or 'huber'")
+        if self.loss not in LOSSES:
+            bad("loss", f"must be one of {list(LOSSES)}")
         check_int("checkpoint_every", 1)
         check_int("log_every", 1)
         check_int("seed", 0)
         check_int("threads", 0, 1024)
         if not isinstance(self.device, str) or not (
-            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+            self.device in DEVICES or self.device.startswith("cuda:")
         ):
-            bad("device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+            bad("device", f"must be one of {list(DEVICES)} or 'cuda:N'")
         if not isinstance(self.mixed_precision, bool):
             bad("mixed_precision", "must be true or false")
-        if self.backend not in ("auto", "cuda", "torch"):
-            bad("backend", "must be 'auto', 'cuda' or 'torch'")
+        if self.backend not in BACKENDS:
+            bad("backend", f"must be one of {list(BACKENDS)}")
 
     @property
     def march_dt(self) -> float:

@@ -28,6 +28,7 @@ from ..backend import load_kernels
 from .occupancy import OccupancyGrid
 
 __all__ = [
+    "HashEncode",
     "composite",
     "hash_encode",
     "march_packed",
@@ -42,7 +43,9 @@ def _kernels(t: torch.Tensor) -> ModuleType:
     return load_kernels(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-class _HashEncode(torch.autograd.Function):
+class HashEncode(torch.autograd.Function):
+    """The hash-grid kernels as an autograd Function (called through :func:`hash_encode`; public for gradcheck)."""
+
     @staticmethod
     def forward(ctx, x, table, res, offsets, dense, log2_table: int):  # type: ignore[override]
         x = x.contiguous()
@@ -66,7 +69,7 @@ def hash_encode(encoding, x01: torch.Tensor) -> torch.Tensor:
     """Hash-grid features ``(N, L * F)`` (level-major) of points ``x01`` ``(N, 3)`` in ``[0, 1]^3`` (clamped;
     a clamped axis gets no gradient), with ``encoding`` a :class:`~instsim.nerf.encoding.HashEncoding` on a
     GPU. Differentiable in the points and the table; float32 or float64 (the table's dtype)."""
-    return _HashEncode.apply(
+    return HashEncode.apply(
         x01.to(encoding.table.dtype),
         encoding.table,
         encoding.level_res,

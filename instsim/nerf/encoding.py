@@ -6,7 +6,7 @@ with ``b = exp((ln N_max - ln N_min) / (L - 1))``. A point in ``[0, 1]^3`` is sc
 ``(N_l + 1)^3`` vertices fit in the table (``T`` entries) is indexed densely (one entry per vertex, no
 collisions); finer levels use the spatial hash ``(x * 1) xor (y * 2654435761) xor (z * 805459861) mod T``.
 
-Speed: the lookup and blend are one custom autograd function (:class:`_HashInterp`): it gathers with
+Speed: the lookup and blend are one custom autograd function (:class:`HashInterp`): it gathers with
 ``index_select``, blends with three nested ``lerp`` s and scatters the table gradient with ``index_add_``
 (autograd through ``table[idx]`` was 3-10x slower on CPU in the prototype). Its backward also gives the
 gradient with respect to the cell coordinates, which ordinary autograd carries on to the input positions
@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from ..backend import uses_cuda
+from .cuda_ops import hash_encode
 
-__all__ = ["HashEncoding", "level_resolutions", "sh_encode", "SH_DIM", "HASH_PRIMES"]
+__all__ = ["HashEncoding", "HashInterp", "level_resolutions", "sh_encode", "SH_DIM", "HASH_PRIMES"]
 
 #: tcnn / Instant-NGP primes; the first is 1 for cache coherence along x.
 HASH_PRIMES = (1, 2654435761, 805459861)
@@ -49,7 +50,7 @@ def _lerp3(g: torch.Tensor, frac: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return torch.lerp(gy[:, 0], gy[:, 1], frac[0]), gz, gy
 
 
-class _HashInterp(torch.autograd.Function):
+class HashInterp(torch.autograd.Function):
     """``out[f, l, n]``: feature ``f`` of level ``l`` at point ``n``, trilinearly blended from the 8 table
     entries ``idx[l, :, n]`` with cell coordinates ``frac[:, l, n]`` in [0, 1].
 
@@ -198,12 +199,10 @@ class HashEncoding(nn.Module):
         """``x`` ``(N, 3)`` in ``[0, 1]`` -> ``(N, L * F)`` in the table's dtype, ordered level-major
         (level ``l``'s features at columns ``l * F : (l + 1) * F``)."""
         if uses_cuda(self.backend, self.table.device):
-            from .cuda_ops import hash_encode
-
             return hash_encode(self, x)
         x = x.to(self.table.dtype).clamp(0.0, 1.0)
         idx, frac = self.corners(x)
-        out = _HashInterp.apply(self.table, idx, frac)  # (F, L, N)
+        out = HashInterp.apply(self.table, idx, frac)  # (F, L, N)
         return out.permute(2, 1, 0).reshape(x.shape[0], self.n_levels * self.n_features)
 
     def extra_repr(self) -> str:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..backend import uses_cuda
 from .config import NerfConfig
+from .cuda_ops import sh_encode as sh_encode_cuda
 from .encoding import SH_DIM, HashEncoding, sh_encode
 from .normalization import SceneNormalization
 from .occupancy import OccupancyGrid
@@ -106,8 +107,6 @@ class InstantNerf(nn.Module):
     def color(self, d: torch.Tensor, geo: torch.Tensor) -> torch.Tensor:
         """RGB ``(N, 3)`` in [0, 1] from unit directions ``d`` ``(N, 3)`` and geometry features."""
         if self.uses_cuda_kernels:
-            from .cuda_ops import sh_encode as sh_encode_cuda
-
             sh = sh_encode_cuda(d.to(geo.dtype))
         else:
             sh = sh_encode(d)

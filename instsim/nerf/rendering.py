@@ -25,9 +25,10 @@ from typing import Sequence
 import torch
 
 from ..cameras import Intrinsics, get_rays
+from .cuda_ops import render_rays_cuda
 from .occupancy import OccupancyGrid
 
-__all__ = ["Samples", "march", "composite", "render_rays", "render", "ray_box", "transmittance", "background_color"]
+__all__ = ["BACKGROUNDS", "Samples", "march", "composite", "render_rays", "render", "default_chunk", "ray_box", "transmittance", "background_color"]
 
 
 @dataclass
@@ -191,8 +192,6 @@ def render_rays(
         (density evaluations, including those past the termination point) as ints.
     """
     if samples is None and model.uses_cuda_kernels:
-        from .cuda_ops import render_rays_cuda
-
         return render_rays_cuda(model, rays_o, rays_d, jitter=jitter)
     cfg = model.cfg
     n_rays = rays_o.shape[0]
@@ -245,18 +244,37 @@ def render_rays(
     return out
 
 
+#: the backgrounds a render can be composited over by name (rgb in [0, 1]); the config's
+#: ``nerf.validation_background`` is one of them
+BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
+
+
 def background_color(background, like: torch.Tensor) -> torch.Tensor | None:
+    """``background`` (None, a name of :data:`BACKGROUNDS`, one grey level or a ``(3,)`` colour) as a ``(3,)``
+    tensor of ``like``'s dtype and device; None stays None (premultiplied output)."""
     if background is None:
         return None
     if isinstance(background, str):
-        named = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
-        if background not in named:
-            raise ValueError(f"background must be None, 'white', 'black' or 3 numbers, got {background!r}")
-        background = named[background]
+        if background not in BACKGROUNDS:
+            names = ", ".join(f"'{n}'" for n in BACKGROUNDS)
+            raise ValueError(f"background must be None, {names} or 3 numbers, got {background!r}")
+        background = BACKGROUNDS[background]
     bg = torch.as_tensor(background, dtype=like.dtype, device=like.device)
     if bg.numel() == 1:
         bg = bg.expand(3)
     return bg
+
+
+def default_chunk(cuda_kernels: bool, grad: bool) -> int:
+    """Rays per pass of :func:`render` when the caller gives no ``chunk``.
+
+    With the CUDA kernels each pass costs ~130 kernel launches and two host syncs whatever its size, so passes are
+    large: 2^21 rays without gradients (the inference loop's memory grows with its step budget only) and 2^18 with
+    (about 1 KB of GPU memory per sample). The PyTorch path holds every sample's activations: 2^15 rays.
+    """
+    if cuda_kernels:
+        return 2**18 if grad else 2**21
+    return 2**15
 
 
 def render(
@@ -277,9 +295,9 @@ def render(
         intrinsics: shared pinhole intrinsics.
         background: None -> ``rgb`` is premultiplied (composited over black); ``"white"``/``"black"`` or a
             ``(3,)`` colour in [0, 1] -> ``rgb + (1 - opacity) * background``.
-        chunk: rays per march/network pass (bounds memory; also applies with gradients). Default: 2^15 on the
-            PyTorch path; with the CUDA kernels 2^18 with gradients (about 1 KB of GPU memory per sample) and
-            2^21 without (at least these: fewer, larger passes spend less time launching kernels).
+        chunk: rays per march/network pass (bounds memory; also applies with gradients), honoured on both paths.
+            None: :func:`default_chunk` (2^15 on the PyTorch path; with the CUDA kernels 2^18 with gradients, about
+            1 KB of GPU memory per sample, and 2^21 without: fewer, larger passes spend less time launching kernels).
         requires_grad: build the autograd graph (to ``c2w`` and the model's weights). It is also built
             whenever ``c2w.requires_grad`` and grad mode is on. Otherwise rendering runs under no_grad.
         uv: ``(N, 2)`` pixel coordinates to render instead of the full image (``(B, N, 2)`` for per-pose
@@ -302,11 +320,10 @@ def render(
         o = norm.to_nerf(rays_o.reshape(-1, 3))
         d = rays_d.reshape(-1, 3)
         parts: dict[str, list[torch.Tensor]] = {"rgb": [], "opacity": [], "depth": []}
-        if model.uses_cuda_kernels:
-            # each pass costs ~130 kernel launches and two host syncs whatever its size, so passes are large: the
-            # inference loop's memory grows with its step budget only, a pass with gradients' ~1 KB per sample
-            chunk = max(chunk or 0, 2**18 if grad else 2**21)
-        chunk = chunk or 2**15
+        if chunk is None:
+            chunk = default_chunk(model.uses_cuda_kernels, grad)
+        elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be a positive number of rays or None, got {chunk!r}")
         for s in range(0, o.shape[0], chunk):
             res = render_rays(model, o[s : s + chunk], d[s : s + chunk])
             for k in parts:

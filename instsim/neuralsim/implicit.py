@@ -24,12 +24,15 @@ the module (whose parameters *are* those tensors).
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, MutableMapping, Sequence
 
 import torch
 
 __all__ = [
+    "INVERSE_HVP_METHODS",
+    "NEUMANN_SAFETY",
     "Params",
     "param_grad",
     "make_hvp",
@@ -37,12 +40,24 @@ __all__ = [
     "inverse_hvp",
     "implicit_gradient",
     "implicit_image_grad",
+    "implicit_input_grads",
+    "influences",
     "InverseHVPMethod",
+    "lambda_max",
 ]
 
 Params = Sequence[torch.Tensor]
 Vector = tuple[torch.Tensor, ...]
 InverseHVPMethod = Literal["identity", "neumann", "cg"]
+
+#: every inverse-HVP method :func:`inverse_hvp` implements, in one place (the config validation and the
+#: schema's enum are checked against it)
+INVERSE_HVP_METHODS: tuple[str, ...] = ("identity", "neumann", "cg")
+
+#: the curvature-guarded Neumann step is ``alpha <= NEUMANN_SAFETY / lambda_max_estimate``. Power iteration
+#: under-estimates lambda_max (a Rayleigh quotient), and with ``alpha = 1 / lambda_est`` every eigen-direction up to
+#: ``2 lambda_est`` still has ``|1 - alpha lambda| <= 1``: no sign flip, no divergence.
+NEUMANN_SAFETY = 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,6 +131,30 @@ def hvp(loss_fn: Callable[[Params], torch.Tensor], params: Params, vec: Params) 
 # ---------------------------------------------------------------------------------------------------------
 
 
+def lambda_max(hvp_fn: Callable[[Params], Vector], like: Params, iters: int, seed: int = 0) -> float:
+    """Estimate the largest-magnitude eigenvalue of ``H`` (``hvp_fn``) by ``iters`` power-iteration HVPs.
+
+    The start vector is standard normal from a CPU generator seeded with ``seed`` (the same estimate on CPU and
+    GPU for the same H), shaped like ``like``. Returns the last Rayleigh quotient ``q.Hq / q.q``, signed: for a
+    symmetric H it never exceeds the true ``lambda_max`` and converges to it like ``(lambda_2/lambda_1)^(2 iters)``.
+    ``0.0`` when ``H q = 0``.
+    """
+    if iters < 1:
+        raise ValueError(f"power iterations must be >= 1, got {iters}")
+    gen = torch.Generator().manual_seed(int(seed))
+    q = tuple(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(device=t.device, dtype=t.dtype) for t in like)
+    estimate = 0.0
+    for _ in range(iters):
+        norm = math.sqrt(float(_dot(q, q)))
+        if norm == 0.0:
+            return 0.0
+        q = tuple(t / norm for t in q)
+        hq = tuple(hvp_fn(q))
+        estimate = float(_dot(q, hq))
+        q = hq
+    return estimate
+
+
 def inverse_hvp(
     hvp_fn: Callable[[Params], Vector],
     v: Params,
@@ -124,6 +163,8 @@ def inverse_hvp(
     alpha: float = 0.1,
     damping: float = 0.0,
     tol: float = 1e-12,
+    power_iters: int = 0,
+    info: MutableMapping[str, Any] | None = None,
 ) -> Vector:
     """Approximate ``u = (H + damping I)^{-1} v`` using only Hessian-vector products.
 
@@ -135,27 +176,43 @@ def inverse_hvp(
               right, the scale is off by H's).
             * ``"neumann"``: ``u = alpha * sum_{j=0}^{k} (I - alpha (H + damping I))^j v``
               (k HVPs). Converges when ``0 < alpha * (lambda_max + damping) < 2`` and H + damping I is
-              positive definite; the error shrinks like ``(1 - alpha * (lambda_min + damping))^k``.
+              positive definite; the error shrinks like ``(1 - alpha * (lambda_min + damping))^k``. Per
+              eigen-direction ``lambda`` it returns ``(1 - (1 - alpha lambda)^(k+1)) / lambda`` times that component
+              of ``v``: with ``alpha lambda > 2`` and odd ``k + 1`` that is *negative* (at ``alpha = 0.01, k = 5``:
+              -10x the true value at ``lambda = 250``), a flipped sign that stays finite. ``power_iters > 0`` guards
+              against it: ``lambda_max`` of ``H + damping I`` is estimated by that many power-iteration HVPs
+              (:func:`lambda_max`) and the step becomes ``min(alpha, NEUMANN_SAFETY / lambda_max)``.
             * ``"cg"``: k steps of conjugate gradient on ``(H + damping I) u = v`` from ``u = 0``
               (k HVPs; exact after ``dim(theta)`` steps in exact arithmetic). Assumes positive curvature:
               on a direction with ``p.(H + damping I)p <= 0`` it stops and returns the current iterate
               (``v`` itself, with a warning, if that happens on the first step) -- add damping for
               non-convex training losses.
         k: number of Hessian-vector products (Neumann terms after the first / CG iterations).
-        alpha: Neumann step size (ignored by the other methods).
+        alpha: Neumann step size (ignored by the other methods); the largest step, with ``power_iters``.
         damping: ``lambda >= 0`` added to the Hessian's diagonal (Neumann and CG).
         tol: CG stops early once ``|r| <= tol * |v|``.
+        power_iters: Neumann only: power-iteration HVPs for the curvature guard (0: none, ``alpha`` as given).
+        info: if given, filled with what was used: ``method``, ``hvps`` (HVPs spent), for Neumann ``alpha``
+            (the step taken) and, with the guard, ``lambda_max`` (the estimate of ``H + damping I``'s), for CG
+            ``iterations``.
 
     Returns:
         ``u``, a detached tuple shaped like ``v``.
     """
     v = tuple(t.detach() for t in v)
+    record = info if info is not None else {}
+    record["method"] = method
     if method == "identity":
+        record["hvps"] = 0
         return tuple(t.clone() for t in v)
+    if method not in INVERSE_HVP_METHODS:
+        raise ValueError(f"unknown inverse-HVP method {method!r}; choose one of {list(INVERSE_HVP_METHODS)}")
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     if damping < 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
+    if power_iters < 0:
+        raise ValueError(f"power_iters must be >= 0, got {power_iters}")
 
     def damped(vec: Vector) -> Vector:
         hv = hvp_fn(vec)
@@ -164,35 +221,46 @@ def inverse_hvp(
     if method == "neumann":
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
+        record["hvps"] = k
+        if power_iters:
+            lam = lambda_max(damped, v, power_iters)
+            record["lambda_max"] = lam
+            record["hvps"] = k + power_iters
+            if lam > 0:
+                alpha = min(alpha, NEUMANN_SAFETY / lam)
+        record["alpha"] = alpha
         term, total = v, v
         for _ in range(k):
             term = _axpy(-alpha, damped(term), term)  # (I - alpha H) term
             total = tuple(a + b for a, b in zip(total, term))
         return tuple(alpha * t for t in total)
-    if method == "cg":
-        x = tuple(torch.zeros_like(t) for t in v)
-        r, p = v, v
-        rs = _dot(r, r)
-        stop = (tol * tol) * rs
-        for it in range(k):
-            if rs <= stop or rs == 0:
-                break
-            hp = damped(p)
-            curvature = _dot(p, hp)
-            if not curvature > 0:
-                if it == 0:
-                    warnings.warn("inverse_hvp(cg): non-positive curvature on the first step; returning v "
-                                  "(identity); add damping", RuntimeWarning, stacklevel=2)
-                    return tuple(t.clone() for t in v)
-                break
-            step = rs / curvature
-            x = _axpy(step, p, x)
-            r = _axpy(-step, hp, r)
-            rs_new = _dot(r, r)
-            p = _axpy(rs_new / rs, p, r)
-            rs = rs_new
-        return x
-    raise ValueError(f"unknown inverse-HVP method {method!r}; choose identity, neumann or cg")
+    # method == "cg"
+    x = tuple(torch.zeros_like(t) for t in v)
+    r, p = v, v
+    rs = _dot(r, r)
+    stop = (tol * tol) * rs
+    record["iterations"] = 0
+    for it in range(k):
+        if rs <= stop or rs == 0:
+            break
+        hp = damped(p)
+        record["iterations"] = it + 1
+        curvature = _dot(p, hp)
+        if not curvature > 0:
+            if it == 0:
+                warnings.warn("inverse_hvp(cg): non-positive curvature on the first step; returning v "
+                              "(identity); add damping", RuntimeWarning, stacklevel=2)
+                record["hvps"] = 1
+                return tuple(t.clone() for t in v)
+            break
+        step = rs / curvature
+        x = _axpy(step, p, x)
+        r = _axpy(-step, hp, r)
+        rs_new = _dot(r, r)
+        p = _axpy(rs_new / rs, p, r)
+        rs = rs_new
+    record["hvps"] = record["iterations"]
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -209,6 +277,7 @@ def implicit_gradient(
     k: int = 10,
     alpha: float = 0.1,
     damping: float = 0.0,
+    power_iters: int = 0,
 ) -> Vector:
     """The hypergradient ``dL_val/dpsi`` of a bilevel problem, with ``params`` at (near) ``theta*(psi)``.
 
@@ -221,7 +290,7 @@ def implicit_gradient(
             direct term is included automatically.
         params: the inner parameters theta, leaf tensors with ``requires_grad`` at the inner solution.
         psi: the outer parameters, tensors with ``requires_grad``.
-        method, k, alpha, damping: inverse-HVP settings, see :func:`inverse_hvp`.
+        method, k, alpha, damping, power_iters: inverse-HVP settings, see :func:`inverse_hvp`.
 
     Returns:
         tuple of gradients shaped like ``psi`` (detached).
@@ -232,7 +301,8 @@ def implicit_gradient(
     grads = _zeros_for_none(grads, params + psi)
     v, direct = grads[:n], grads[n:]
     g_train = torch.autograd.grad(train_loss(params, psi), params, create_graph=True, allow_unused=True)
-    u = inverse_hvp(_hvp_from_grads(g_train, params), v, method=method, k=k, alpha=alpha, damping=damping)
+    u = inverse_hvp(_hvp_from_grads(g_train, params), v, method=method, k=k, alpha=alpha, damping=damping,
+                    power_iters=power_iters)
     live = [i for i, g in enumerate(g_train) if g is not None and g.requires_grad]
     if not live:
         return tuple(d.detach() for d in direct)
@@ -263,14 +333,61 @@ def implicit_image_grad(
     Returns:
         ``(n, ...)`` gradient, same shape, dtype and device as ``images``.
     """
+    return implicit_input_grads(train_loss_fn, params, (images,), u)[0]
+
+
+def implicit_input_grads(
+    train_loss_fn: Callable[..., torch.Tensor],
+    params: Params,
+    inputs: Sequence[torch.Tensor],
+    u: Params,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`implicit_image_grad` for a training loss of several psi-dependent inputs, e.g. the images *and* the
+    boxes they are labelled with: ``-d/d input [ (dL_train(theta, *inputs)/dtheta) . u ]`` for each input.
+
+    Args:
+        train_loss_fn: ``(params, *inputs) -> scalar``, twice differentiable in the inputs.
+        inputs: tensors (detached inside), e.g. ``images (n, 3, H, W)`` and ``boxes (n, 4)``.
+
+    Returns:
+        one gradient per input, same shapes (zeros for an input the loss does not reach); minus sign applied.
+    """
     params = tuple(params)
-    x = images.detach().requires_grad_(True)
-    g = torch.autograd.grad(train_loss_fn(params, x), params, create_graph=True, allow_unused=True)
+    xs = tuple(t.detach().requires_grad_(True) for t in inputs)
+    g = torch.autograd.grad(train_loss_fn(params, *xs), params, create_graph=True, allow_unused=True)
     live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
     if not live:
-        return torch.zeros_like(x)
+        return tuple(torch.zeros_like(x) for x in xs)
     dot = sum((g[i] * u[i].detach().to(g[i].dtype)).sum() for i in live)
-    (gx,) = torch.autograd.grad(dot, x, allow_unused=True)
-    if gx is None:
-        return torch.zeros_like(x)
-    return -gx.detach()
+    grads = torch.autograd.grad(dot, xs, allow_unused=True)
+    return tuple(torch.zeros_like(x) if gx is None else -gx.detach() for gx, x in zip(grads, xs))
+
+
+def influences(per_sample_loss_fn: Callable[[Params], torch.Tensor], params: Params, u: Params) -> torch.Tensor:
+    """The first-order influence of every training sample on the validation loss, ``I_i = -(dl_i/dtheta) . u``.
+
+    With ``u = H^-1 dL_val/dtheta`` this is ``-(dL_val/dtheta) H^-1 dl_i/dtheta``: how much ``L_val`` of the
+    re-trained detector would change per unit of extra weight on sample ``i`` (negative: the sample helps).
+    Computed for all samples at once: with ``L = sum_i w_i l_i`` at ``w = 1``,
+    ``dl_i/dtheta . u = d/dw_i [(dL/dtheta) . u]`` (one backward with ``create_graph``, one more backward).
+
+    Args:
+        per_sample_loss_fn: ``params -> (n,)`` the per-sample training losses (e.g. the detector's
+            ``detection_loss(..., reduction="none")``).
+        u: ``~H^-1 dL_val/dtheta``, shaped like ``params``.
+
+    Returns:
+        ``(n,)`` detached influences ``I_i``, minus sign applied.
+    """
+    params = tuple(params)
+    losses = per_sample_loss_fn(params)
+    if losses.ndim != 1:
+        raise ValueError(f"per_sample_loss_fn must return a (n,) vector, got shape {tuple(losses.shape)}")
+    w = torch.ones_like(losses, requires_grad=True)
+    g = torch.autograd.grad((losses * w).sum(), params, create_graph=True, allow_unused=True)
+    live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+    if not live:
+        return torch.zeros_like(losses).detach()
+    dot = sum((g[i] * u[i].detach().to(g[i].dtype)).sum() for i in live)
+    (gw,) = torch.autograd.grad(dot, w, allow_unused=True)
+    return torch.zeros_like(losses).detach() if gw is None else -gw.detach()

@@ -13,6 +13,8 @@ import torch
 
 from ..cameras import PoseSpace
 from ..errors import ConfigError
+from ..nerf.config import NerfConfig
+from .strategies import detector_config
 
 __all__ = ["check_config", "pose_space", "target_distribution", "resolve_device", "gpu_jobs", "nerf_config", "NERF_WORKFLOW_KEYS"]
 
@@ -20,28 +22,19 @@ __all__ = ["check_config", "pose_space", "target_distribution", "resolve_device"
 NERF_WORKFLOW_KEYS = ("preset", "min_psnr", "min_mask_iou", "validation_background")
 
 
-def pose_space(config: Mapping[str, Any]) -> PoseSpace:
-    """The config's binned pose space."""
-    return PoseSpace.from_config(config["pose_space"])
+def pose_space(config: Mapping[str, Any], source: str = "config") -> PoseSpace:
+    """The config's binned pose space (checked: :meth:`~instsim.cameras.PoseSpace.from_config`)."""
+    return PoseSpace.from_config(config["pose_space"], source=source)
 
 
 def target_distribution(config: Mapping[str, Any], source: str = "config") -> dict[str, torch.Tensor]:
     """The target domain's probabilities per factor ``{factor: (bins,)}``, checked against ``pose_space``."""
-    return pose_space(config).check_probs(config["target"]["distribution"], source=source, field="target.distribution")
+    return pose_space(config, source).check_probs(config["target"]["distribution"], source=source, field="target.distribution")
 
 
 def check_config(config: Mapping[str, Any], source: str = "config") -> None:
     """Raise :class:`ConfigError` naming the key for every cross-field problem (the first one found)."""
-    space = config["pose_space"]
-    for name, f in space.items():
-        if not f["high"] > f["low"]:
-            raise ConfigError(source, f"pose_space.{name}", f"high ({f['high']}) must be greater than low ({f['low']})")
-    if not space["zoom"]["low"] > 0:
-        raise ConfigError(source, "pose_space.zoom.low", "the camera distance must be positive")
-    el = space["elevation"]
-    if el["low"] < -90 or el["high"] > 90:
-        raise ConfigError(source, "pose_space.elevation", "elevation must lie within [-90, 90] degrees")
-    target_distribution(config, source)
+    target_distribution(config, source)  # checks pose_space too
     nerf = config.get("nerf")
     if nerf is not None:
         nerf_config(nerf["preset"], {k: v for k, v in nerf.items() if k not in NERF_WORKFLOW_KEYS}, source=source)
@@ -51,8 +44,6 @@ def check_config(config: Mapping[str, Any], source: str = "config") -> None:
         NeuralSimConfig.from_dict(config["neuralsim"], source=source)
     det = config.get("detector")
     if det is not None:
-        from .strategies import detector_config
-
         detector_config(det["settings"], config["target"]["image_size"], len(config["classes"]), config["seed"])
     for name, cls in config["classes"].items():
         if cls["source"] == "folder":
@@ -82,10 +73,10 @@ def gpu_jobs(device: str) -> int:
     return int(device == "auto" and torch.cuda.is_available())
 
 
-def nerf_config(preset: str, overrides: Mapping[str, Any], device: str | None = None, seed: int | None = None, source: str = "config"):
+def nerf_config(
+    preset: str, overrides: Mapping[str, Any], device: str | None = None, seed: int | None = None, source: str = "config"
+) -> NerfConfig:
     """The :class:`~instsim.nerf.config.NerfConfig` of a preset (``cpu`` or ``paper``) with overrides."""
-    from ..nerf.config import NerfConfig
-
     extra = dict(overrides)
     if device is not None:
         extra["device"] = device

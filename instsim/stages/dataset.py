@@ -23,14 +23,18 @@ from tqdm import tqdm
 from ..cameras import Intrinsics, sample_sphere_poses
 from ..errors import InputError
 from ..io import atomic_dir, write_png
+from ..scene import make_hand, render_scene
 from ..seeds import class_seed
 from ..transforms import Frame, read_transforms, write_transforms
 
-__all__ = ["SPLITS", "generate_procedural", "import_folder"]
+__all__ = ["SPLITS", "CLASS_SOURCES", "generate_procedural", "import_folder"]
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+#: where a class's object comes from (the config's ``classes.<name>.source``): ``procedural`` the built-in hand
+#: (:func:`generate_procedural`), ``folder`` a BlenderNeRF / NeRF-synthetic dataset (:func:`import_folder`)
+CLASS_SOURCES = ("procedural", "folder")
 
 
 def dataset_intrinsics(ds_cfg: Mapping[str, Any]) -> Intrinsics:
@@ -60,8 +64,6 @@ def generate_procedural(
 
     Returns the number of views per split.
     """
-    from ..scene import make_hand, render_scene  # the scene package pulls in the renderer only when needed
-
     scene = make_hand(gesture).to(device)
     intr = dataset_intrinsics(ds_cfg)
     out_dir = Path(out_dir)
@@ -87,21 +89,25 @@ def generate_procedural(
     return counts
 
 
-def _link(src: Path, dst: Path) -> None:
-    """Symbolic link ``dst`` -> ``src`` (absolute), or a copy where links are not possible."""
+def _link(src: Path, dst: Path) -> bool:
+    """Symbolic link ``dst`` -> ``src`` (absolute), or a copy where links are not possible; True if copied."""
     try:
         os.symlink(src.resolve(), dst)
     except OSError:
         shutil.copy2(src, dst)
+        return True
+    return False
 
 
 def _write_split(out_dir: Path, split: str, tf_intr: Intrinsics, frames: list[Frame], meta_extra: dict) -> None:
-    entries = []
+    entries, copied = [], 0
     with atomic_dir(out_dir / split) as tmp:
         for i, fr in enumerate(frames):
             name = f"{i + 1:04d}{fr.image_path.suffix.lower()}"
-            _link(fr.image_path, tmp / name)
+            copied += _link(fr.image_path, tmp / name)
             entries.append((f"{split}/{name}", fr.c2w))
+    if copied:  # same pixels either way; said because a copy costs the disk space a link does not
+        log.info("%s: the file system refused symbolic links, copied %d of %d %s images", out_dir, copied, len(frames), split)
     write_transforms(out_dir / f"transforms_{split}.json", tf_intr, entries, extra=meta_extra)
 
 

@@ -6,6 +6,7 @@ the poses and intrinsics in the transforms file.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,13 @@ from ..cameras import Intrinsics, project
 from ..errors import InputError
 from ..transforms import Transforms, read_transforms
 
-__all__ = ["look_at_centre", "frustum_bounds", "extract_intrinsics"]
+__all__ = ["look_at_centre", "frustum_bounds", "extract_intrinsics", "CROPPED_VIEW_FRACTION"]
+
+log = logging.getLogger(__name__)
+
+#: when no point is seen by every camera (some views crop the object), the scene box is taken over the points
+#: seen by at least this fraction of the cameras instead
+CROPPED_VIEW_FRACTION = 0.5
 
 
 def look_at_centre(poses: torch.Tensor) -> torch.Tensor:
@@ -69,6 +76,9 @@ def extract_intrinsics(transforms: Transforms | str | Path) -> dict[str, Any]:
     point), ``radius`` (``mean/min/max`` camera distance from the centre), ``scene`` with ``aabb_min``,
     ``aabb_max`` (frustum intersection), ``bound`` (half-size of the cube about ``centre`` that holds
     that box: the NeRF's scene bound before normalization) and ``aabb_scale`` (from the file, or null).
+    When no point is seen by every camera, the box is that of the points seen by at least
+    :data:`CROPPED_VIEW_FRACTION` of them: a warning is logged and ``scene`` gets ``view_fraction`` (that
+    fraction; the key is absent when every camera sees the whole box).
     """
     tf = transforms if isinstance(transforms, Transforms) else read_transforms(transforms, check_images=False)
     poses = tf.poses().double()
@@ -77,16 +87,23 @@ def extract_intrinsics(transforms: Transforms | str | Path) -> dict[str, Any]:
     dist = (poses[:, :3, 3] - centre).norm(dim=-1)
     if float(dist.min()) <= 0:
         raise InputError(tf.path, "frames", "a camera sits at the scene centre; cannot derive a scene bound")
+    scene_extra: dict[str, float] = {}
     try:
         lo, hi = frustum_bounds(poses, intr, centre)
     except ValueError:
-        # some views crop the object: bound by what most cameras see instead
+        # some views crop the object: bound by what most cameras see instead, and say so (a looser bound)
         try:
-            lo, hi = frustum_bounds(poses, intr, centre, min_fraction=0.5)
+            lo, hi = frustum_bounds(poses, intr, centre, min_fraction=CROPPED_VIEW_FRACTION)
         except ValueError:
             raise InputError(
                 tf.path, "frames", "the cameras share no common view region; is this an object-centric dataset?"
             ) from None
+        log.warning(
+            "%s: no point is seen by all %d cameras (some views crop the object); the scene bound is taken over "
+            "the points seen by at least %.0f%% of them (intrinsics.json scene.view_fraction)",
+            tf.path, len(tf.frames), 100 * CROPPED_VIEW_FRACTION,
+        )
+        scene_extra["view_fraction"] = CROPPED_VIEW_FRACTION
     bound = float(torch.maximum((hi - centre).abs(), (lo - centre).abs()).max())
     return {
         **intr.to_dict(),
@@ -94,6 +111,7 @@ def extract_intrinsics(transforms: Transforms | str | Path) -> dict[str, Any]:
         "n_frames": len(tf.frames),
         "centre": centre.tolist(),
         "radius": {"mean": float(dist.mean()), "min": float(dist.min()), "max": float(dist.max())},
-        "scene": {"aabb_min": lo.tolist(), "aabb_max": hi.tolist(), "bound": bound, "aabb_scale": tf.aabb_scale},
+        "scene": {"aabb_min": lo.tolist(), "aabb_max": hi.tolist(), "bound": bound, "aabb_scale": tf.aabb_scale,
+                  **scene_extra},
         "source": str(tf.path),
     }

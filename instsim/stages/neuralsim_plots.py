@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .report import save_figure
+from .report import pyplot, save_figure
 
 __all__ = ["plot_control_comparison", "plot_learned_vs_target", "plot_probabilities", "read_trajectory"]
 
@@ -23,14 +23,6 @@ def read_trajectory(path: str | Path) -> pd.DataFrame:
     """``trajectory.tsv`` as a frame (empty cells are NaN)."""
     return pd.read_csv(path, sep="\t")
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _learned_columns(df: pd.DataFrame, cls: str) -> list[tuple[str, int, str]]:
@@ -52,7 +44,7 @@ def plot_probabilities(
 ) -> None:
     """Heatmap per class: rows are the bins of the learned factors, columns the iterations, colour the
     probability; a last column (right of a gap) shows the target distribution when given."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(classes), figsize=(1.5 + 4.2 * len(classes), 4.6), squeeze=False)
     iters = df["iteration"].to_numpy()
     im = None
@@ -95,7 +87,7 @@ def plot_learned_vs_target(
 ) -> None:
     """Bars per class (rows) and learned factor (columns): initial, learned and (when known) target
     probability per bin. ``learned`` is a ``distribution.json`` dict."""
-    plt = _plt()
+    plt = pyplot()
     classes = list(learned["classes"])
     factors = list(learned.get("learned") or next(iter(learned["classes"].values())).keys())
     fig, axes = plt.subplots(len(classes), len(factors), figsize=(1.0 + 3.4 * len(factors), 0.6 + 2.2 * len(classes)),
@@ -132,7 +124,7 @@ def plot_control_comparison(learned: pd.DataFrame, control: pd.DataFrame, path: 
     """Validation loss, validation AP and TV to the target over iterations, for the learned run and the
     control (same loop, psi frozen): a gain of the learned run over the control is the optimization's, not the
     extra fine-tuning's."""
-    plt = _plt()
+    plt = pyplot()
     panels = [("val_loss", "validation loss (target/val)"), ("val_AP", "COCO AP (target/val)"),
               ("tv_to_target", "TV distance to target")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))

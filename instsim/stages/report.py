@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..io import atomic_path, read_json, to_uint8, write_png
+from ..io import atomic_path, read_image, read_json, to_uint8, write_png
 
 __all__ = ["summary_table", "plot_ap", "plot_per_class", "draw_boxes", "image_grid", "predictions_grid"]
 
@@ -36,20 +36,29 @@ def summary_table(evals: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return pd.concat([df, pd.DataFrame(stats)], ignore_index=True)
 
 
-def save_figure(fig, path: str | Path) -> None:
-    import matplotlib.pyplot as plt
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (stages run without a display).
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_ap(table: pd.DataFrame, path: str | Path) -> None:
-    """Bar chart of mean AP and AP50 per strategy with ± std error bars (over seeds)."""
+    Imported here, not at the top: matplotlib takes ~0.3 s to import and only the plotting stages need it,
+    and the backend must be chosen before pyplot is first imported."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Write ``fig`` atomically to ``path`` (the suffix picks the format) and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    pyplot().close(fig)
+
+
+def plot_ap(table: pd.DataFrame, path: str | Path) -> None:
+    """Bar chart of mean AP and AP50 per strategy with ± std error bars (over seeds)."""
+    plt = pyplot()
 
     mean = table[table.seed == "mean"].set_index("strategy")
     std = table[table.seed == "std"].set_index("strategy")
@@ -67,10 +76,7 @@ def plot_ap(table: pd.DataFrame, path: str | Path) -> None:
 
 def plot_per_class(table: pd.DataFrame, path: str | Path) -> None:
     """Grouped bars of mean per-class AP per strategy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     mean = table[table.seed == "mean"].set_index("strategy")
     cols = [c for c in mean.columns if c.startswith("AP_")]
@@ -117,8 +123,6 @@ def predictions_grid(
     coco: Mapping, detections: Sequence[Mapping], images_dir: str | Path, n: int = 12, min_score: float = 0.3
 ) -> np.ndarray:
     """The first ``n`` test images with true boxes (white) and predictions above ``min_score`` (class colours)."""
-    from ..io import read_image
-
     imgs = []
     for img in coco["images"][:n]:
         arr = to_uint8(read_image(Path(images_dir) / img["file_name"])[..., :3])

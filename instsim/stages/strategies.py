@@ -19,8 +19,10 @@ import numpy as np
 import torch
 
 from ..cameras import PoseSpace
+from ..detect import DetectorConfig, load_coco
 from ..errors import InputError
 from ..io import read_image, read_json
+from ..nerf.checkpoint import expect_from_intrinsics, load_checkpoint
 
 __all__ = ["STRATEGIES", "strategy_probs", "load_class_nerfs", "load_coco_images", "detector_config"]
 
@@ -66,8 +68,6 @@ def load_class_nerfs(
     checkpoints: Mapping[str, str | Path], intrinsics: Mapping[str, str | Path], device: torch.device | str
 ) -> tuple[dict[str, torch.nn.Module], dict[str, torch.Tensor]]:
     """Load every class's NeRF (checked against its ``intrinsics.json``) and its look-at centre ``(3,)``."""
-    from ..nerf.checkpoint import expect_from_intrinsics, load_checkpoint
-
     models, centres = {}, {}
     for cls, ckpt in checkpoints.items():
         info = read_json(intrinsics[cls], "intrinsics file")
@@ -84,8 +84,6 @@ def load_coco_images(
     Labels are 0-based (``category_id - 1``); images follow the order of ``coco["images"]``. The json is
     validated (an empty or malformed file raises :class:`InputError` naming it and the field).
     """
-    from ..detect import load_coco
-
     coco = load_coco(annotations_path)
     by_image: dict[int, list[dict]] = {img["id"]: [] for img in coco["images"]}
     for ann in coco["annotations"]:
@@ -104,10 +102,8 @@ def load_coco_images(
     return coco, torch.stack(images), boxes, labels
 
 
-def detector_config(settings: Mapping[str, Any], image_size: int, num_classes: int, seed: int):
+def detector_config(settings: Mapping[str, Any], image_size: int, num_classes: int, seed: int) -> DetectorConfig:
     """The :class:`~instsim.detect.DetectorConfig` of the config's ``detector.settings`` for this run."""
-    from ..detect import DetectorConfig
-
     d = dict(settings)
     d.update(image_size=int(image_size), num_classes=int(num_classes), seed=int(seed))
     return DetectorConfig.from_dict(d, source="config")

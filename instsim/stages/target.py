@@ -26,6 +26,7 @@ from ..seeds import class_seed
 from ..errors import InputError
 from .intrinsics import look_at_centre
 from ..io import atomic_dir, write_json, write_png
+from ..scene import make_hand, render_scene
 from ..transforms import load_views, read_transforms
 
 __all__ = ["render_target", "coco_categories"]
@@ -45,8 +46,6 @@ def coco_categories(class_names: list[str]) -> list[dict]:
 def _procedural_renderer(
     gesture: str, supersample: int, device: str | torch.device = "cpu"
 ) -> Callable[[torch.Tensor, Intrinsics], torch.Tensor]:
-    from ..scene import make_hand, render_scene
-
     scene = make_hand(gesture).to(device)
     return lambda c2w, intr: render_scene(scene, c2w[None], intr, supersample=supersample)[0].cpu()
 
@@ -68,10 +67,19 @@ class _FolderViews:
         self.poses = torch.cat(poses)
         az, el, r = spherical_from_pose(self.poses.double(), look_at_centre(self.poses))
         weight = torch.ones(len(images), dtype=torch.float64)
+        outside = torch.zeros(len(images), dtype=torch.bool)
         for name, value in (("azimuth", torch.rad2deg(az) % 360), ("elevation", torch.rad2deg(el)), ("zoom", r)):
             f = space.factor(name)
-            idx = ((value - f.low) / f.width).floor().long().clamp(0, f.bins - 1)
+            raw = ((value - f.low) / f.width).floor().long()
+            outside |= (raw < 0) | (raw >= f.bins)
+            # a view outside the pose space counts in the nearest edge bin (said below, recorded by render_target)
+            idx = raw.clamp(0, f.bins - 1)
             weight = weight * probs[name][idx]
+        #: views whose pose lies outside the pose space on some factor, weighted by the nearest edge bin
+        self.outside = int(outside.sum())
+        if self.outside:
+            log.warning("%s: %d of %d views lie outside pose_space; each is weighted by its nearest edge bin",
+                        path, self.outside, len(images))
         if not weight.sum() > 0:
             raise InputError(path, "frames", "no view falls in a pose bin the target distribution gives weight to")
         self.weight = weight
@@ -181,14 +189,15 @@ def render_target(
         "categories": coco_categories(names),
     }
     write_json(annotations_path, coco)
-    write_json(
-        distribution_path,
-        {
-            "pose_space": space.to_dict(),
-            "probabilities": {f: [float(p) for p in probs[f]] for f in space.FACTORS},
-            "classes": names,
-            "note": "target pose distribution (independent per factor, shared by all classes)",
-        },
-    )
+    distribution = {
+        "pose_space": space.to_dict(),
+        "probabilities": {f: [float(p) for p in probs[f]] for f in space.FACTORS},
+        "classes": names,
+        "note": "target pose distribution (independent per factor, shared by all classes)",
+    }
+    outside = {n: r.outside for n, r in renderers.items() if isinstance(r, _FolderViews) and r.outside}
+    if outside:  # folder views outside pose_space: the oracle's distribution is not exactly what they were drawn by
+        distribution["folder_views_outside_pose_space"] = outside
+    write_json(distribution_path, distribution)
     log.info("target/%s: %d images %s", split, n, counts)
     return counts

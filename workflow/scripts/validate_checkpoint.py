@@ -12,6 +12,7 @@ from instsim.errors import InstsimError
 from instsim.io import read_json, write_json, write_png
 from instsim.nerf.checkpoint import expect_from_intrinsics, load_checkpoint
 from instsim.nerf.validate import convention_check, unseen_poses, validate_checkpoint
+from instsim.scene import make_hand, render_scene
 from instsim.stages.runner import run_stage
 from instsim.transforms import load_views
 
@@ -31,8 +32,6 @@ def main(sm):
     source = sm.params.source
     if source["source"] == "procedural":
         # the NeRF must agree with the ground-truth renderer at poses it never saw (catches flipped axes)
-        from instsim.scene import make_hand, render_scene
-
         poses = unseen_poses(info, n=5, seed=sm.params.seed)
         alpha = render_scene(make_hand(source["gesture"]), poses, views.intrinsics, supersample=2)[..., 3]
         result["convention_check"] = convention_check(

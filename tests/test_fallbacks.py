@@ -1,0 +1,80 @@
+"""Fallbacks are said and recorded: a stage that takes a second-best path logs it, and where the result changes, the
+stage's output JSON records it. (The NeRF renderer's ``chunk`` is tested in tests/test_nerf.py.)"""
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from instsim.cameras import Intrinsics, PoseSpace, pose_from_spherical
+from instsim.stages import dataset as dataset_stage
+from instsim.stages.dataset import import_folder
+from instsim.stages.intrinsics import extract_intrinsics
+from instsim.stages.target import render_target
+from instsim.transforms import Frame, Transforms
+
+from conftest import BLENDERNERF_TINY
+
+
+def _ring_transforms(poses: torch.Tensor) -> Transforms:
+    """Transforms of ``poses`` ``(N, 4, 4)``, 32 px at a 20 degree field of view (no images: intrinsics only)."""
+    intr = Intrinsics.from_fov(32, 32, math.radians(20))
+    return Transforms(Path("ring.json"), intr, [Frame(f"{i}", Path(f"{i}.png"), p.numpy()) for i, p in enumerate(poses)])
+
+
+def test_intrinsics_record_a_cropped_view_fallback(caplog):
+    """When one camera does not see what the others see, the scene bound comes from the points most cameras see:
+    the bound grows, a warning says so and ``scene.view_fraction`` records it; with every camera on the object
+    the key is absent (a run whose cameras all see the object writes the same intrinsics.json as before)."""
+    az = torch.linspace(0, 2 * math.pi, 9)[:-1]
+    ring = pose_from_spherical(az, torch.zeros(8), torch.full((8,), 3.0)).double()
+    with caplog.at_level(logging.WARNING, logger="instsim"):
+        whole = extract_intrinsics(_ring_transforms(ring))
+    assert "view_fraction" not in whole["scene"] and not caplog.records
+    slid = ring.clone()
+    slid[0, :3, 3] += 2.0 * slid[0, :3, 0]  # one camera slid sideways by 2 units: the centre leaves its view
+    with caplog.at_level(logging.WARNING, logger="instsim"):
+        cropped = extract_intrinsics(_ring_transforms(slid))
+    assert cropped["scene"]["view_fraction"] == 0.5
+    assert cropped["scene"]["bound"] > whole["scene"]["bound"]
+    assert any("ring.json" in r.getMessage() and "50%" in r.getMessage() for r in caplog.records)
+
+
+def test_folder_import_says_when_it_copies_instead_of_linking(tmp_path, monkeypatch, caplog):
+    def no_symlinks(src, dst):
+        raise OSError("symbolic links not supported")
+
+    monkeypatch.setattr(dataset_stage.os, "symlink", no_symlinks)
+    with caplog.at_level(logging.INFO, logger="instsim"):
+        counts = import_folder(BLENDERNERF_TINY, tmp_path / "data", val_fraction=0.1)
+    train = sorted((tmp_path / "data" / "train").iterdir())
+    assert len(train) == counts["train"] and not any(p.is_symlink() for p in train)
+    assert any("copied" in r.getMessage() and "train" in r.getMessage() for r in caplog.records)
+
+
+def _space(zoom_low: float, zoom_high: float) -> PoseSpace:
+    return PoseSpace.from_config({"azimuth": {"bins": 4, "low": 0.0, "high": 360.0},
+                                  "elevation": {"bins": 2, "low": -90.0, "high": 90.0},
+                                  "zoom": {"bins": 2, "low": zoom_low, "high": zoom_high}})
+
+
+def _folder_target(tmp_path: Path, space: PoseSpace) -> dict:
+    target_cfg = {"image_size": 32, "fov_deg": 40.0, "images": {"val": 2}, "max_shift": 0.0, "supersample": 1}
+    render_target({"obj": {"source": "folder", "path": str(BLENDERNERF_TINY)}}, space, space.uniform(), target_cfg,
+                  "val", 0, tmp_path / "images", tmp_path / "annotations.json", tmp_path / "distribution.json",
+                  progress=False)
+    return json.loads((tmp_path / "distribution.json").read_text())
+
+
+def test_folder_target_records_views_outside_the_pose_space(tmp_path, caplog):
+    """The fixture's cameras sit 3.5 units from the object. A zoom range that holds them records nothing; one that
+    does not (2-3) weights every view by the nearest edge bin, and says so in the log and in distribution.json."""
+    inside = _folder_target(tmp_path / "inside", _space(3.0, 4.0))
+    assert "folder_views_outside_pose_space" not in inside
+    with caplog.at_level(logging.WARNING, logger="instsim"):
+        outside = _folder_target(tmp_path / "outside", _space(2.0, 3.0))
+    n_views = len(json.loads((BLENDERNERF_TINY / "transforms_test.json").read_text())["frames"])
+    assert outside["folder_views_outside_pose_space"] == {"obj": n_views}
+    assert any("outside pose_space" in r.getMessage() for r in caplog.records)
