@@ -47,14 +47,14 @@ def test_build_key_follows_sources_and_architecture(tmp_path, monkeypatch):
 
 
 def test_training_buffers_grow_and_shrink_with_head_room():
-    from instsim.nerf.cuda_train import _QUANTUM, _capacity
+    from instsim.nerf.cuda_train import BUFFER_QUANTUM, buffer_capacity
 
-    assert _capacity(40000, 2**16) == 2**16  # fits and is not far too large: kept (no new capture)
-    assert _capacity(2**16 + 1, 2**16) >= 1.25 * (2**16 + 1)  # overflow: grown with head room
-    assert _capacity(2**16 + 1, 2**16) % _QUANTUM == 0
-    shrunk = _capacity(10 * _QUANTUM, 100 * _QUANTUM)  # a tenth used: shrunk
-    assert 10 * _QUANTUM < shrunk < 20 * _QUANTUM
-    assert _capacity(0, 2**20) == _QUANTUM
+    assert buffer_capacity(40000, 2**16) == 2**16  # fits and is not far too large: kept (no new capture)
+    assert buffer_capacity(2**16 + 1, 2**16) >= 1.25 * (2**16 + 1)  # overflow: grown with head room
+    assert buffer_capacity(2**16 + 1, 2**16) % BUFFER_QUANTUM == 0
+    shrunk = buffer_capacity(10 * BUFFER_QUANTUM, 100 * BUFFER_QUANTUM)  # a tenth used: shrunk
+    assert 10 * BUFFER_QUANTUM < shrunk < 20 * BUFFER_QUANTUM
+    assert buffer_capacity(0, 2**20) == BUFFER_QUANTUM
 
 
 @pytest.mark.skipif(GPU or torch.version.cuda is not None, reason="checks the message of a CPU-only torch")
@@ -227,7 +227,7 @@ def test_packed_march_chooses_the_torch_path_samples():
 def test_fixed_capacity_march_and_compaction_match_the_packed_path():
     """The CUDA-graph step's two buffers: the same samples per ray as the packed march, inactive rays empty,
     rays past the capacity dropped whole, and the compaction keeping exactly the samples before termination."""
-    from instsim.nerf.cuda_ops import _kernels, _march_inputs, composite as cuda_composite, march_packed
+    from instsim.nerf.cuda_ops import composite as cuda_composite, kernels_for, march_inputs, march_packed
 
     torch.manual_seed(4)
     grid = OccupancyGrid(32).cuda()
@@ -238,8 +238,8 @@ def test_fixed_capacity_march_and_compaction_match_the_packed_path():
     d = torch.nn.functional.normalize(torch.randn(n, 3, device="cuda") * 0.3 - o, dim=-1)
     u = torch.rand(n, device="cuda")
     ray, t, starts, counts = march_packed(grid, o, d, dt, jitter=u, max_samples=64)
-    o32, d32, u32, bbox, occ = _march_inputs(grid, o, d, u)
-    k = _kernels(o)
+    o32, d32, u32, bbox, occ = march_inputs(grid, o, d, u)
+    k = kernels_for(o)
 
     def fixed(capacity):
         i32 = dict(dtype=torch.int32, device="cuda")

@@ -31,6 +31,8 @@ __all__ = [
     "HashEncode",
     "composite",
     "hash_encode",
+    "kernels_for",
+    "march_inputs",
     "march_packed",
     "render_rays_cuda",
     "render_rays_inference",
@@ -39,7 +41,8 @@ __all__ = [
 ]
 
 
-def _kernels(t: torch.Tensor) -> ModuleType:
+def kernels_for(t: torch.Tensor) -> ModuleType:
+    """The compiled kernels of the GPU that holds ``t``."""
     return load_kernels(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
@@ -49,7 +52,7 @@ class HashEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, table, res, offsets, dense, log2_table: int):  # type: ignore[override]
         x = x.contiguous()
-        out = _kernels(x).hash_encode_forward(x, table, res, offsets, dense, log2_table)
+        out = kernels_for(x).hash_encode_forward(x, table, res, offsets, dense, log2_table)
         ctx.save_for_backward(x, table, res, offsets, dense)
         ctx.log2_table = log2_table
         return out
@@ -59,7 +62,7 @@ class HashEncode(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         x, table, res, offsets, dense = ctx.saved_tensors
         need_x, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_table, grad_x = _kernels(x).hash_encode_backward(
+        grad_table, grad_x = kernels_for(x).hash_encode_backward(
             grad_out.contiguous(), x, table, res, offsets, dense, ctx.log2_table, need_table, need_x
         )
         return (grad_x if need_x else None), (grad_table if need_table else None), None, None, None, None
@@ -84,13 +87,13 @@ class _SHEncode(torch.autograd.Function):
     def forward(ctx, d):  # type: ignore[override]
         d = d.contiguous()
         ctx.save_for_backward(d)
-        return _kernels(d).sh_encode_forward(d)
+        return kernels_for(d).sh_encode_forward(d)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         (d,) = ctx.saved_tensors
-        return _kernels(d).sh_encode_backward(grad_out.contiguous(), d)
+        return kernels_for(d).sh_encode_backward(grad_out.contiguous(), d)
 
 
 def sh_encode(d: torch.Tensor) -> torch.Tensor:
@@ -102,7 +105,7 @@ class _Composite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sigma, rgb, t, starts, counts, dt: float, min_transmittance: float):  # type: ignore[override]
         sigma, rgb, t = sigma.contiguous(), rgb.contiguous(), t.contiguous()
-        out_rgb, opacity, depth, n_used = _kernels(sigma).composite_forward(
+        out_rgb, opacity, depth, n_used = kernels_for(sigma).composite_forward(
             sigma, rgb, t, starts, counts, dt, min_transmittance
         )
         ctx.save_for_backward(sigma, rgb, t, starts, n_used, out_rgb, opacity, depth)
@@ -117,7 +120,7 @@ class _Composite(torch.autograd.Function):
         g_rgb = torch.zeros_like(out_rgb) if g_rgb is None else g_rgb.contiguous()
         g_opacity = torch.zeros_like(opacity) if g_opacity is None else g_opacity.contiguous()
         g_depth = torch.zeros_like(depth) if g_depth is None else g_depth.contiguous()
-        grad_sigma, grad_rgb = _kernels(sigma).composite_backward(
+        grad_sigma, grad_rgb = kernels_for(sigma).composite_backward(
             g_rgb, g_opacity, g_depth, sigma, rgb, t, starts, n_used, out_rgb, opacity, depth, ctx.dt
         )
         return grad_sigma, grad_rgb, None, None, None, None, None
@@ -147,7 +150,9 @@ def composite(
     return {"rgb": out_rgb, "opacity": opacity, "depth": depth, "n_used": n_used}
 
 
-def _march_inputs(grid: OccupancyGrid, rays_o: torch.Tensor, rays_d: torch.Tensor, jitter: torch.Tensor | None):
+def march_inputs(grid: OccupancyGrid, rays_o: torch.Tensor, rays_d: torch.Tensor, jitter: torch.Tensor | None):
+    """The march kernels' inputs: float32 contiguous rays, jitter (0.5 when None) and box, and the occupancy as
+    uint8 (a view of the grid's storage)."""
     o = rays_o.detach().float().contiguous()
     d = rays_d.detach().float().contiguous()
     u = torch.full((o.shape[0],), 0.5, device=o.device) if jitter is None else jitter.detach().float().contiguous()
@@ -169,8 +174,8 @@ def march_packed(
     """Every sample of rays ``(R, 3)`` (NeRF units, unit directions) in occupied cells, as
     :func:`~instsim.nerf.rendering.march` chooses them: ``ray`` ``(M,)`` int64, ``t`` ``(M,)`` float32 (sorted
     by ray, then distance), ``starts`` ``(R,)`` int64 and ``counts`` ``(R,)`` int32."""
-    o, d, u, bbox, occ = _march_inputs(grid, rays_o, rays_d, jitter)
-    ray, t, starts, counts = _kernels(o).march_train(o, d, u, bbox, occ, grid.res, float(dt), int(max_samples))
+    o, d, u, bbox, occ = march_inputs(grid, rays_o, rays_d, jitter)
+    ray, t, starts, counts = kernels_for(o).march_train(o, d, u, bbox, occ, grid.res, float(dt), int(max_samples))
     return ray, t, starts, counts
 
 
@@ -241,11 +246,11 @@ def render_rays_inference(model, rays_o: torch.Tensor, rays_d: torch.Tensor, *, 
     became opaque or left the occupied box, so later steps give the remaining rays more samples each.
     Same samples and stopping rule as :func:`render_rays_packed` (float32). Returns its keys."""
     cfg = model.cfg
-    k = _kernels(rays_o)
+    k = kernels_for(rays_o)
     grid = model.occupancy
     n_rays = rays_o.shape[0]
     dt, min_t = cfg.march_dt, float(cfg.min_transmittance)
-    o, d, u, bbox, occ = _march_inputs(grid, rays_o, rays_d, None)
+    o, d, u, bbox, occ = march_inputs(grid, rays_o, rays_d, None)
     k_cur, k_hi = k.march_init(o, d, u, bbox, dt)
     n_done = torch.zeros_like(k_cur)
     acc_rgb = torch.zeros(n_rays, 3, device=o.device)

@@ -18,7 +18,7 @@ Instant-NGP does instead:
   read back every :data:`READBACK_EVERY` steps and when training logs or checkpoints.
 
 ``M2`` is ``batch_samples`` when the step has a sample budget (Instant-NGP's fixed compacted batch), else
-sized from the counters; ``M1`` is always sized from them (:func:`_capacity`). A new size means new buffers
+sized from the counters; ``M1`` is always sized from them (:func:`buffer_capacity`). A new size means new buffers
 and a new capture (a handful per run, in the first few hundred steps).
 
 Set ``INSTSIM_CUDA_GRAPHS=0`` to run the same static step eagerly (for debugging; slower, same numbers up to
@@ -37,16 +37,16 @@ import torch
 from ..cameras import Intrinsics, get_rays
 from ..errors import InstsimError
 from .config import NerfConfig
-from .cuda_ops import _kernels, composite
+from .cuda_ops import composite, kernels_for
 from .network import InstantNerf
 from .normalization import SceneNormalization
 
-__all__ = ["CudaTrainStep", "MIN_RAYS", "NonFiniteLoss", "READBACK_EVERY", "graphs_enabled"]
+__all__ = ["BUFFER_QUANTUM", "CudaTrainStep", "MIN_RAYS", "NonFiniteLoss", "READBACK_EVERY", "buffer_capacity", "graphs_enabled"]
 
 #: steps between reads of the device counters (Instant-NGP reads its counters every 16 steps)
 READBACK_EVERY = 16
 #: sample buffers grow in steps of this many slots (fewer distinct sizes, so fewer captures)
-_QUANTUM = 2**14
+BUFFER_QUANTUM = 2**14
 #: head room of a buffer sized from the counters, and how empty it may get before it shrinks
 _HEADROOM, _SHRINK_BELOW = 1.25, 0.5
 #: random numbers per ray slot: image, pixel x, pixel y, lattice jitter, background r, g, b
@@ -60,12 +60,12 @@ def graphs_enabled() -> bool:
     return os.environ.get("INSTSIM_CUDA_GRAPHS", "1") not in ("0", "false", "no", "off")
 
 
-def _capacity(need: int, current: int) -> int:
+def buffer_capacity(need: int, current: int) -> int:
     """Buffer slots for ``need`` samples: the current capacity while it fits and is not far too large, else
-    ``need`` with head room, rounded up to :data:`_QUANTUM`."""
+    ``need`` with head room, rounded up to :data:`BUFFER_QUANTUM`."""
     if current >= need and need >= _SHRINK_BELOW * current / _HEADROOM:
         return current
-    return max(_QUANTUM, int(math.ceil(need * _HEADROOM / _QUANTUM)) * _QUANTUM)
+    return max(BUFFER_QUANTUM, int(math.ceil(need * _HEADROOM / BUFFER_QUANTUM)) * BUFFER_QUANTUM)
 
 
 @dataclass
@@ -130,7 +130,7 @@ class CudaTrainStep:
         self.images, self.poses = images, poses
         dev = images.device
         self.device = dev
-        self.kernels = _kernels(images)
+        self.kernels = kernels_for(images)
         self.lr = opt.param_groups[0]["lr"]
         if not isinstance(self.lr, torch.Tensor) or not all(g["lr"] is self.lr and g["capturable"] for g in opt.param_groups):
             raise ValueError("CudaTrainStep needs a capturable Adam whose groups share one CUDA lr tensor")
@@ -157,7 +157,7 @@ class CudaTrainStep:
         self.dropped_sum = torch.zeros(1, dtype=torch.int64, device=dev)
         # the first step cannot overflow: every active ray's whole lattice fits
         per_ray = min(int(cfg.max_samples), int(cfg.march_steps) + 1)
-        m1 = max(_QUANTUM, int(n_rays) * per_ray)
+        m1 = max(BUFFER_QUANTUM, int(n_rays) * per_ray)
         m2 = int(cfg.batch_samples) if cfg.batch_samples else m1
         self.buf = _Buffers.make(m1, m2, self.slots, dev)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -274,8 +274,8 @@ class CudaTrainStep:
         self.need2.zero_()
         self.rays_sum.zero_()
         self.dropped_sum.zero_()
-        m1 = _capacity(int(need1), self.buf.m1)
-        m2 = self.buf.m2 if self.cfg.batch_samples else _capacity(int(need2), self.buf.m2)
+        m1 = buffer_capacity(int(need1), self.buf.m1)
+        m2 = self.buf.m2 if self.cfg.batch_samples else buffer_capacity(int(need2), self.buf.m2)
         if (m1, m2) != (self.buf.m1, self.buf.m2):
             self.graph = None  # the next step recaptures with the new buffers
             self.model.zero_grad(set_to_none=True)
