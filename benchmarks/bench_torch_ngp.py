@@ -52,18 +52,27 @@ class _Inert:
         return self
 
 
+def _inert_attr(attr: str):
+    if attr.startswith("__"):  # module machinery (__path__, __spec__, ...) must stay absent
+        raise AttributeError(attr)
+    return _Inert
+
+
 def _stub_missing() -> list[str]:
     stubbed = []
     for name in _OPTIONAL:
+        if name in sys.modules:
+            continue
         try:
             __import__(name)
         except ImportError:
             mod = types.ModuleType(name)
-            mod.__getattr__ = lambda attr: _Inert  # type: ignore[attr-defined]
+            mod.__getattr__ = _inert_attr  # type: ignore[attr-defined]
             sys.modules[name] = mod
             stubbed.append(name)
-    if "dearpygui" in sys.modules and "dearpygui.dearpygui" in sys.modules:
-        sys.modules["dearpygui"].dearpygui = sys.modules["dearpygui.dearpygui"]  # type: ignore[attr-defined]
+            parent, _, child = name.rpartition(".")
+            if parent in sys.modules:
+                setattr(sys.modules[parent], child, mod)
     return stubbed
 
 

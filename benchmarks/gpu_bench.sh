@@ -16,7 +16,7 @@
 # default128: the default (paper preset, 2^18 samples per step), 3000 steps, test PSNR every 100
 # rays128:    4096 rays per step (batch_samples 0), 3000 steps, test PSNR every 250
 # ngp128:     torch-ngp -O, 3000 iterations (bench_torch_ngp.py)
-# profile128: torch.profiler of default steps, replayed as a graph and run op by op (INSTSIM_CUDA_GRAPHS=0)
+# profile128: torch.profiler of default steps replayed as a graph (profile128eager: run op by op, INSTSIM_CUDA_GRAPHS=0)
 # render128:  bench_render.py (frames/s, pose-gradient rays/s, both backends) on default128's checkpoint
 # Test PSNR is evaluated every 100 steps (train128: 500), outside the timed training but not outside the wall
 # time: at 800x800 one evaluation (10 views, PSNR on the CPU) takes about 3 s, so train800 needs about 4 minutes.
@@ -63,8 +63,8 @@ for part in "${parts[@]}"; do
                       --set steps=3000 batch_rays=4096 batch_samples=0 --workdir "$work/r128" \
                       --out "$out/nerf_train_blender128_4096rays.json" ;;
         ngp128)   TORCH_CUDA_ARCH_LIST=9.0 $run bench_torch_ngp.py --ngp "$work/ngp" --data "$data" --iters 3000 --out "$out/torch_ngp_blender128.json" ;;
-        profile128) $run profile_train_step.py --data "$data" --warm 300 --steps 100 --rows 30
-                  INSTSIM_CUDA_GRAPHS=0 $run profile_train_step.py --data "$data" --warm 300 --steps 50 --rows 40 ;;
+        profile128) $run profile_train_step.py --data "$data" --warm 300 --steps 100 --rows 30 ;;
+        profile128eager) INSTSIM_CUDA_GRAPHS=0 $run profile_train_step.py --data "$data" --warm 300 --steps 50 --rows 40 ;;
         render128) $run bench_render.py "$work/d128/$(basename "$data")/nerf.pt" --size 800 --radius 3.5 --fov 39.6 \
                       --out "$out/render_cuda_blender128.json" ;;
         *) echo "unknown part $part" >&2; exit 2 ;;

@@ -10,6 +10,12 @@ std::vector<at::Tensor> hash_encode_backward(const at::Tensor& grad_out, const a
                                              const at::Tensor& res, const at::Tensor& offsets,
                                              const at::Tensor& dense, int64_t log2_table, bool need_table,
                                              bool need_x);
+void hash_table_half2(const at::Tensor& table, at::Tensor out);
+at::Tensor hash_encode_forward_h2(const at::Tensor& x, const at::Tensor& table_h2, const at::Tensor& res,
+                                  const at::Tensor& offsets, const at::Tensor& dense, int64_t log2_table);
+at::Tensor hash_encode_backward_f2(const at::Tensor& grad_out, const at::Tensor& x, int64_t table_size,
+                                   const at::Tensor& res, const at::Tensor& offsets, const at::Tensor& dense,
+                                   int64_t log2_table);
 at::Tensor sh_encode_forward(const at::Tensor& d);
 at::Tensor sh_encode_backward(const at::Tensor& grad_out, const at::Tensor& d);
 std::vector<at::Tensor> march_train(const at::Tensor& o, const at::Tensor& d, const at::Tensor& u,
@@ -44,6 +50,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "instsim CUDA kernels: hash grid, spherical harmonics, ray marching, compositing";
   m.def("hash_encode_forward", &instsim::hash_encode_forward);
   m.def("hash_encode_backward", &instsim::hash_encode_backward);
+  m.def("hash_table_half2", &instsim::hash_table_half2);
+  m.def("hash_encode_forward_h2", &instsim::hash_encode_forward_h2);
+  m.def("hash_encode_backward_f2", &instsim::hash_encode_backward_f2);
   m.def("sh_encode_forward", &instsim::sh_encode_forward);
   m.def("sh_encode_backward", &instsim::sh_encode_backward);
   m.def("march_train", &instsim::march_train);

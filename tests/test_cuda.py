@@ -134,6 +134,40 @@ def test_hash_encoding_matches_the_torch_path(n_features):
 
 
 @needs_gpu
+def test_half_table_encoding_matches_the_full_precision_kernel():
+    """The training step's encoder: forward from the half-precision entry-major copy (to half precision), the
+    table gradient the same as the float32 kernel's, zero for zero output gradients."""
+    from instsim.nerf.cuda_ops import HashEncodeHalfTable, half_table
+
+    torch.manual_seed(5)
+    enc = HashEncoding(n_levels=8, n_features=2, log2_table=12, base_res=4, max_res=200).cuda()
+    enc.backend = "cuda"
+    with torch.no_grad():
+        enc.table.uniform_(-1, 1)
+    x = torch.rand(30000, 3, device="cuda") * 1.2 - 0.1
+    g = torch.randn(30000, enc.out_dim, device="cuda")
+    g[:1000] = 0.0  # skipped by the backward (the step's padding slots)
+    ref = enc(x)
+    (ref_grad,) = torch.autograd.grad((ref * g).sum(), [enc.table])
+    enc.half_table = half_table(enc)
+    assert enc.half_table is not None and enc.half_table.shape == (enc.table.shape[1], 2)
+    assert torch.equal(enc.half_table.float(), enc.table.detach().t().half().float())
+    try:
+        out = enc(x)
+    finally:
+        enc.half_table = None
+    assert type(out.grad_fn).__name__ == HashEncodeHalfTable.__name__ + "Backward"
+    assert 1e-6 < _rel(out, ref) < 2e-3  # half precision, not a copy of the float32 result
+    (grad,) = torch.autograd.grad((out * g).sum(), [enc.table])
+    assert grad.shape == enc.table.shape and _rel(grad, ref_grad) < 1e-5
+    # the copy is refreshed in place (the step's graph reads it by address)
+    buf = half_table(enc)
+    with torch.no_grad():
+        enc.table.mul_(2)
+    assert half_table(enc, out=buf) is buf and torch.equal(buf.float(), enc.table.detach().t().half().float())
+
+
+@needs_gpu
 def test_hash_encoding_gradcheck_float64():
     torch.manual_seed(2)
     enc = HashEncoding(n_levels=3, n_features=2, log2_table=6, base_res=3, max_res=20).cuda().double()
@@ -313,10 +347,17 @@ def test_graph_step_resumes_and_stops_on_a_non_finite_loss(tmp_path):
     assert first["step"] == 60 and not first["finished"]
     second = train_nerf(train, info, cfg, tmp_path / "nerf.pt", tmp_path / "log.tsv", progress=False)
     assert second["start_step"] == 60 and second["finished"] and second["psnr"] > 15
-    # a learning rate that blows the weights up: the step is named and no checkpoint is written after it
-    with pytest.raises(InstsimError, match=r"NeRF training diverged: (loss is (nan|inf) at step|non-finite)"):
-        train_nerf(train, info, cfg.replace(lr=1e30, steps=200), tmp_path / "bad.pt", tmp_path / "bad.tsv", progress=False)
-    assert not (tmp_path / "bad.pt").exists() or read_checkpoint(tmp_path / "bad.pt")["step"] < 200
+    # weights poisoned after step 20 (by the log hook): the first NaN loss is named, within a read-back, and no
+    # checkpoint is written after it
+    def poison(done, model):
+        if done == 20:
+            with torch.no_grad():
+                model.density_net[0].weight.fill_(float("nan"))
+
+    bad = cfg.replace(steps=100, log_every=20, checkpoint_every=60)
+    with pytest.raises(InstsimError, match=r"NeRF training diverged: loss is nan at step 20\. The last good checkpoint"):
+        train_nerf(train, info, bad, tmp_path / "bad.pt", tmp_path / "bad.tsv", progress=False, on_log=poison)
+    assert not (tmp_path / "bad.pt").exists()
 
 
 # ------------------------------------------------------------------------------------------- rendering
@@ -392,4 +433,5 @@ def test_training_reaches_the_same_psnr_on_both_backends(tmp_path):
         assert summary["backend"] == name
         res = validate_checkpoint(out / "nerf.pt", test, background="white", device="cuda")
         psnrs[name] = res["psnr"]
-    assert psnrs["cuda"] > 25 and abs(psnrs["cuda"] - psnrs["torch"]) < 1.0, psnrs
+    # the CUDA path (fixed buffers, graph) must learn at least as well as the reference, within 1 dB
+    assert psnrs["cuda"] > 25 and psnrs["cuda"] > psnrs["torch"] - 1.0, psnrs

@@ -19,6 +19,7 @@ with respect to the rendered images, not through the NeRF).
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 import torch
@@ -29,7 +30,9 @@ from .occupancy import OccupancyGrid
 
 __all__ = [
     "HashEncode",
+    "HashEncodeHalfTable",
     "composite",
+    "half_table",
     "hash_encode",
     "kernels_for",
     "march_inputs",
@@ -39,6 +42,9 @@ __all__ = [
     "render_rays_packed",
     "sh_encode",
 ]
+
+
+_OFF = ("0", "false", "no", "off")
 
 
 def kernels_for(t: torch.Tensor) -> ModuleType:
@@ -68,10 +74,58 @@ class HashEncode(torch.autograd.Function):
         return (grad_x if need_x else None), (grad_table if need_table else None), None, None, None, None
 
 
+class HashEncodeHalfTable(torch.autograd.Function):
+    """The hash-grid forward from an entry-major half-precision copy of a two-feature table (made by
+    :func:`half_table`), with the table gradient accumulated entry-major and returned as ``(2, S)``: half the
+    gathers' bytes and half the atomics of :class:`HashEncode`. No position gradient (for the training step, whose
+    sample positions need none). Public for its test."""
+
+    @staticmethod
+    def forward(ctx, x, table, table_h2, res, offsets, dense, log2_table: int):  # type: ignore[override]
+        x = x.contiguous()
+        out = kernels_for(x).hash_encode_forward_h2(x, table_h2, res, offsets, dense, log2_table)
+        ctx.save_for_backward(x, res, offsets, dense)
+        ctx.log2_table, ctx.table_size = log2_table, table.shape[1]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, res, offsets, dense = ctx.saved_tensors
+        grad = kernels_for(x).hash_encode_backward_f2(
+            grad_out.float().contiguous(), x, ctx.table_size, res, offsets, dense, ctx.log2_table
+        )
+        return None, grad.t().contiguous(), None, None, None, None, None
+
+
+def half_table(encoding, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """An entry-major ``(S, 2)`` float16 copy of a two-feature float32 table (into ``out`` if given), or None
+    where :class:`HashEncodeHalfTable` does not apply (other feature counts or dtypes, ``INSTSIM_HALF_TABLE=0``)."""
+    table = encoding.table
+    if table.shape[0] != 2 or table.dtype != torch.float32 or os.environ.get("INSTSIM_HALF_TABLE", "1") in _OFF:
+        return None
+    if out is None:
+        out = torch.empty(table.shape[1], 2, dtype=torch.float16, device=table.device)
+    kernels_for(table).hash_table_half2(table.detach(), out)
+    return out
+
+
 def hash_encode(encoding, x01: torch.Tensor) -> torch.Tensor:
     """Hash-grid features ``(N, L * F)`` (level-major) of points ``x01`` ``(N, 3)`` in ``[0, 1]^3`` (clamped;
     a clamped axis gets no gradient), with ``encoding`` a :class:`~instsim.nerf.encoding.HashEncoding` on a
-    GPU. Differentiable in the points and the table; float32 or float64 (the table's dtype)."""
+    GPU. Differentiable in the points and the table; float32 or float64 (the table's dtype). While
+    ``encoding.half_table`` holds a :func:`half_table` copy, points that need no gradient are encoded from it
+    (:class:`HashEncodeHalfTable`)."""
+    if encoding.half_table is not None and not x01.requires_grad:
+        return HashEncodeHalfTable.apply(
+            x01.float(),
+            encoding.table,
+            encoding.half_table,
+            encoding.level_res,
+            encoding.level_offsets,
+            encoding.level_dense,
+            encoding.log2_table,
+        )
     return HashEncode.apply(
         x01.to(encoding.table.dtype),
         encoding.table,
@@ -215,7 +269,12 @@ def render_rays_packed(
         return _empty_result(rays_o, n_rays, out_dtype)
     if prune:
         with torch.no_grad():
-            sigma0 = model.density(_at_samples(rays_o.detach(), rays_d.detach(), ray, t))[0]
+            enc = model.encoding
+            enc.half_table = half_table(enc)  # this pass only finds where rays stop: half precision is plenty
+            try:
+                sigma0 = model.density(_at_samples(rays_o.detach(), rays_d.detach(), ray, t))[0]
+            finally:
+                enc.half_table = None
             # colour does not change where a ray stops: composite the densities alone
             used = composite(sigma0.float(), torch.zeros(n_evals, 3, device=t.device), t, starts, counts, dt, min_t)["n_used"]
             rank = torch.arange(n_evals, device=t.device) - starts[ray]

@@ -37,7 +37,7 @@ import torch
 from ..cameras import Intrinsics, get_rays
 from ..errors import InstsimError
 from .config import NerfConfig
-from .cuda_ops import composite, kernels_for
+from .cuda_ops import composite, half_table, kernels_for
 from .network import InstantNerf
 from .normalization import SceneNormalization
 
@@ -160,6 +160,8 @@ class CudaTrainStep:
         m1 = max(BUFFER_QUANTUM, int(n_rays) * per_ray)
         m2 = int(cfg.batch_samples) if cfg.batch_samples else m1
         self.buf = _Buffers.make(m1, m2, self.slots, dev)
+        # the forward passes gather from a half-precision copy of the table, refreshed at the start of each step
+        self.table_h2 = half_table(model.encoding)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.use_graph = graphs_enabled()
         self.captures = 0
@@ -168,6 +170,16 @@ class CudaTrainStep:
     # ------------------------------------------------------------------ the step
     def _body(self) -> None:
         """Everything a step does on the device; no host sync, static shapes (captured as the graph)."""
+        enc = self.model.encoding
+        if self.table_h2 is not None:
+            half_table(enc, out=self.table_h2)  # the table as the last step's Adam left it
+            enc.half_table = self.table_h2
+        try:
+            self._body_passes()
+        finally:
+            enc.half_table = None
+
+    def _body_passes(self) -> None:
         cfg, model, b, k = self.cfg, self.model, self.buf, self.kernels
         dt, min_t = cfg.march_dt, float(cfg.min_transmittance)
         n_img, h, w = self.images.shape[:3]
