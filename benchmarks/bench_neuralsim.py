@@ -29,7 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from instsim.cameras import PoseSpace  # noqa: E402
 from instsim.stages.config import resolve_device  # noqa: E402
 from instsim.io import read_json  # noqa: E402
-from instsim.neuralsim.loop import NeuralSimConfig, ValSet, optimize_distribution  # noqa: E402
+from instsim.neuralsim.config import NeuralSimConfig  # noqa: E402
+from instsim.neuralsim.loop import optimize_distribution  # noqa: E402
+from instsim.neuralsim.objective import ValSet  # noqa: E402
+from instsim.neuralsim.samples import ClassRenderers  # noqa: E402
+from instsim.neuralsim.step import BilevelProblem  # noqa: E402
+from instsim.synthesis import DetectionCamera  # noqa: E402
 from instsim.stages.strategies import detector_config, load_class_nerfs, load_coco_images  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,14 +62,15 @@ def main() -> None:
                                        {c: r / f"data/{c}/intrinsics.json" for c in classes}, device)
     coco, images, boxes, labels = load_coco_images(r / "target/val/annotations.json", r / "target/val/images")
     target = read_json(r / "target/val/distribution.json")["probabilities"]
-    val = ValSet(images, boxes, labels, coco)
+    problem = BilevelProblem(ClassRenderers(models, centres, DetectionCamera.from_target_config(cfg["target"])), space,
+                             ValSet(images, boxes, labels, coco), det, target, device)
 
     runs = {}
     load_before = os.getloadavg()
     for name, update in (("neuralsim", True), ("control", False)):
         t0 = time.perf_counter()
-        _, _, rows = optimize_distribution(models, centres, space, val, target, ns, det, cfg["target"], seed=ns.seed,
-                                           update_psi=update, progress=sys.stderr.isatty(), log_fn=lambda m: None)
+        _, _, rows = optimize_distribution(problem, ns, seed=ns.seed, update_psi=update, progress=sys.stderr.isatty(),
+                                           log_fn=lambda m: None)
         steps = rows[1:]
         runs[name] = {
             "total_seconds": round(time.perf_counter() - t0, 2),

@@ -33,20 +33,25 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from instsim.cameras import PoseSpace
-from instsim.detect import DetectorConfig, detection_loss, finetune, train_detector
-from instsim.detect.train import _param_groups
+from instsim.detect import (
+    DetectorConfig,
+    detection_loss,
+    finetune,
+    load_detector,
+    param_groups,
+    save_detector,
+    train_detector,
+)
 from instsim.io import read_json
 from instsim.neuralsim.distribution import PoseDistribution
-from instsim.neuralsim.loop import (
-    NeuralSimConfig,
-    ValSet,
-    _gen,
-    _targets,
-    _val_loss_and_grad,
-    outer_step,
-)
+from instsim.neuralsim.config import NeuralSimConfig
+from instsim.neuralsim.implicit import inverse_hvp, make_hvp
+from instsim.neuralsim.objective import ValSet, detector_targets, val_loss_and_grad
+from instsim.neuralsim.samples import ClassRenderers
+from instsim.neuralsim.step import BilevelProblem, LoopState, outer_step
+from instsim.seeds import generator
 from instsim.stages.strategies import detector_config, load_class_nerfs, load_coco_images
-from instsim.synthesis import make_synthetic_set
+from instsim.synthesis import DetectionCamera, make_synthetic_set
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +66,8 @@ def _bin_probs(space: PoseSpace, classes, one_bin: int | None, factor: str = "az
 
 def _synth(ctx, one_bin, n, seed, factor: str = "azimuth"):
     probs = _bin_probs(ctx["space"], ctx["classes"], one_bin, factor)
-    s = make_synthetic_set(ctx["models"], ctx["centres"], probs, ctx["space"], ctx["cfg"]["target"], n, seed)
+    camera = DetectionCamera.from_target_config(ctx["cfg"]["target"])
+    s = make_synthetic_set(ctx["models"], ctx["centres"], probs, ctx["space"], camera, n, seed)
     return s.images.permute(0, 3, 1, 2).contiguous(), [b[None] for b in s.boxes], [l[None] for l in s.labels]
 
 
@@ -70,12 +76,10 @@ def warm_detector(ctx, steps: int, n: int, cache: Path):
     path = cache / f"warm_{steps}_{n}.pt"
     det_cfg = DetectorConfig.from_dict({**ctx["det"].to_dict(), "steps": steps})
     if path.exists():
-        from instsim.detect import load_detector
         model = load_detector(path)
     else:
         x, b, l = _synth(ctx, None, n, seed=12345)
         model = train_detector(x, b, l, det_cfg, progress=False)
-        from instsim.detect import save_detector
         save_detector(model, path)
     model.cfg = ctx["det"]
     return model.eval()
@@ -83,7 +87,7 @@ def warm_detector(ctx, steps: int, n: int, cache: Path):
 
 def val_loss(model, ctx) -> float:
     params = tuple(p for p in model.parameters() if p.requires_grad)
-    return _val_loss_and_grad(model, params, ctx["val"], ctx["val_targets"])[0]
+    return val_loss_and_grad(model, params, ctx["val"], ctx["val_targets"])[0]
 
 
 def measure_finetune(ctx, warm, steps: int, n: int, lr: float, seeds, factor: str = "azimuth") -> dict:
@@ -94,7 +98,7 @@ def measure_finetune(ctx, warm, steps: int, n: int, lr: float, seeds, factor: st
         for s in seeds:
             x, bx, lb = _synth(ctx, b, n, seed=777 + s, factor=factor)
             m = copy.deepcopy(warm)
-            opt = torch.optim.AdamW(_param_groups(m, m.cfg.weight_decay), lr=lr)
+            opt = torch.optim.AdamW(param_groups(m, m.cfg.weight_decay), lr=lr)
             finetune(m, x, bx, lb, steps, seed=s, optimizer=opt)
             losses.append(val_loss(m.eval(), ctx))
         out["uniform" if b is None else b] = sum(losses) / len(losses)
@@ -104,14 +108,12 @@ def measure_finetune(ctx, warm, steps: int, n: int, lr: float, seeds, factor: st
 
 def measure_influence(ctx, warm, n: int, method: str) -> dict:
     """Per azimuth bin, mean of ``-(dL_train_i/dtheta) . u`` over ``n`` renders per class (u = H^-1 v)."""
-    from instsim.neuralsim.implicit import inverse_hvp, make_hvp
-
     params = tuple(p for p in warm.parameters() if p.requires_grad)
-    _, v = _val_loss_and_grad(warm, params, ctx["val"], ctx["val_targets"])
+    _, v = val_loss_and_grad(warm, params, ctx["val"], ctx["val_targets"])
     out = {}
     for b in range(ctx["space"].factor("azimuth").bins):
         x, bx, lb = _synth(ctx, b, n, seed=999)
-        t = _targets(bx, lb, x, warm.cfg, x.dtype)
+        t = detector_targets(bx, lb, x, warm.cfg, x.dtype)
         if method == "identity":
             u = v
         else:
@@ -130,19 +132,16 @@ def measure_hypergrad(ctx, warm, ns: NeuralSimConfig, draws: int, seed: int) -> 
     own outer_step (0 inner steps, no clipping, psi not moved: SGD with lr 0)."""
     ns = NeuralSimConfig.from_dict({**ns.to_dict(), "inner_steps": 0, "grad_clip": 0.0, "learned": ["azimuth"]})
     space = ctx["space"]
-    intr_size = ctx["cfg"]["target"]["image_size"]
-    from instsim.synthesis import detection_intrinsics
-    intr = detection_intrinsics(ctx["cfg"]["target"])
-    gen = _gen(seed, 99)
+    renders = ClassRenderers(ctx["models"], ctx["centres"], DetectionCamera.from_target_config(ctx["cfg"]["target"]))
+    problem = BilevelProblem(renders, space, ctx["val"], ctx["det"])
+    gen = generator(seed, 99)
     per = []
     for d in range(draws):
         dist = PoseDistribution(space, ctx["classes"], learned=["azimuth"])
         sgd = torch.optim.SGD(dist.parameters(), lr=0.0)
         det = copy.deepcopy(warm)
-        inner = torch.optim.AdamW(_param_groups(det, det.cfg.weight_decay), lr=ns.inner_lr)
-        outer_step(iteration=d + 1, models=ctx["models"], centres=ctx["centres"], dist=dist, psi_optimizer=sgd, detector=det,
-                   inner_optimizer=inner, val=ctx["val"], val_targets=ctx["val_targets"], intr=intr,
-                   max_shift=float(ctx["cfg"]["target"]["max_shift"]) * intr_size, generator=gen, cfg=ns, compute_ap=False)
+        inner = torch.optim.AdamW(param_groups(det, det.cfg.weight_decay), lr=ns.inner_lr)
+        outer_step(d + 1, problem, LoopState(dist, sgd, det, inner, gen), ns, compute_ap=False)
         for c in ctx["classes"]:
             per.append(dist.learned_parameters(c)["azimuth"].grad.detach().double().clone())
     g = torch.stack(per)  # (draws * classes, bins)
@@ -185,7 +184,7 @@ def main() -> None:
     det = detector_config(cfg["detector"]["settings"], cfg["target"]["image_size"], len(classes), cfg["seed"])
     val = ValSet(images, boxes, labels, coco)
     ctx = {"cfg": cfg, "classes": classes, "space": space, "models": models, "centres": centres, "val": val, "det": det,
-           "val_targets": _targets(boxes, labels, images, det, torch.float32),
+           "val_targets": detector_targets(boxes, labels, images, det, torch.float32),
            "target": read_json(r / "target/val/distribution.json")["probabilities"]}
     t0 = time.perf_counter()
     warm = warm_detector(ctx, args.warm_steps, args.warm_images, args.cache)

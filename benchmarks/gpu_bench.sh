@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA-kernel benchmarks of README "Running on a GPU", on one GPU, in one call. Each part writes its JSON
+# The CUDA-kernel benchmarks of docs/experiments.md (GPU section), on one GPU, in one call. Each part writes its JSON
 # and log under $OUT (default ./gpu_bench_out); copy the JSON to benchmarks/results/ to commit it.
 #
 #   bash benchmarks/gpu_bench.sh [part ...]     # parts: train800 torch800 render train128 (default: all four)

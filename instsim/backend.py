@@ -28,7 +28,7 @@ import torch
 
 from .errors import InstsimError
 
-__all__ = ["BACKENDS", "DEVICES", "KERNEL_DIR", "build_key", "check_toolchain", "kernel_sources", "load_kernels", "uses_cuda"]
+__all__ = ["BACKENDS", "DEVICES", "fallback_reason", "KERNEL_DIR", "build_key", "check_toolchain", "kernel_sources", "load_kernels", "uses_cuda"]
 
 #: the config's ``nerf.backend`` values (module docstring)
 BACKENDS = ("auto", "cuda", "torch")
@@ -38,6 +38,9 @@ DEVICES = ("auto", "cpu", "cuda")
 #: the kernel sources, shipped beside the package (repository root / cuda)
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "cuda"
 _log = logging.getLogger("instsim.backend")
+#: why ``auto`` took the PyTorch path on a GPU, by device (``"cuda:0"``): the kernels did not load. Stages whose
+#: result depends on the path record it (:func:`fallback_reason`).
+_FALLBACKS: dict[str, str] = {}
 
 
 def kernel_sources() -> list[Path]:
@@ -155,9 +158,20 @@ def _resolve(name: str, device_type: str, device_index: int) -> bool:
         if name == "cuda":
             raise
         _log.warning("NeRF backend: torch, because the CUDA kernels are not available: %s", e)
+        _FALLBACKS[f"cuda:{device_index}"] = str(e)
         return False
     _log.info("NeRF backend: cuda (kernels from %s)", KERNEL_DIR)
     return True
+
+
+def fallback_reason(device: torch.device | str) -> str | None:
+    """Why ``backend: auto`` runs the PyTorch path on the GPU ``device`` (the kernels' load error), or None when it
+    did not fall back there (it runs the kernels, was not asked yet, or ``device`` is the CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _FALLBACKS.get(f"cuda:{index}")
 
 
 def uses_cuda(name: str, device: torch.device) -> bool:

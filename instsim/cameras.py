@@ -78,6 +78,12 @@ class Intrinsics:
                 raise InputError(file, key, f"must be a finite number, got {value!r}")
             return float(value)
 
+        def focal_from_angle(key: str, size: float) -> float:
+            angle = num(key)
+            if not 0 < angle < math.pi:
+                raise InputError(file, key, f"must be in (0, pi) radians, got {angle}")
+            return 0.5 * size / math.tan(0.5 * angle)
+
         for key in ("w", "h"):
             if key not in meta:
                 raise InputError(file, key, "missing (image width/height in pixels)")
@@ -90,17 +96,8 @@ class Intrinsics:
             fl_x = num("fl_x")
             fl_y = num("fl_y") if "fl_y" in meta else fl_x
         elif "camera_angle_x" in meta:
-            ang_x = num("camera_angle_x")
-            if not 0 < ang_x < math.pi:
-                raise InputError(file, "camera_angle_x", f"must be in (0, pi) radians, got {ang_x}")
-            fl_x = 0.5 * w / math.tan(0.5 * ang_x)
-            if "camera_angle_y" in meta:
-                ang_y = num("camera_angle_y")
-                if not 0 < ang_y < math.pi:
-                    raise InputError(file, "camera_angle_y", f"must be in (0, pi) radians, got {ang_y}")
-                fl_y = 0.5 * h / math.tan(0.5 * ang_y)
-            else:
-                fl_y = fl_x
+            fl_x = focal_from_angle("camera_angle_x", w)
+            fl_y = focal_from_angle("camera_angle_y", h) if "camera_angle_y" in meta else fl_x
         else:
             raise InputError(file, "fl_x", "missing: need 'fl_x' (and 'fl_y') or 'camera_angle_x'")
         for key, value in (("fl_x", fl_x), ("fl_y", fl_y)):

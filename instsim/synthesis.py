@@ -1,27 +1,71 @@
-"""Synthetic detection sets rendered from the class NeRFs at poses drawn from a pose distribution.
+"""Detection images synthesized from a renderer: render at poses, composite over backgrounds, box the object.
 
-This is what the detector of every strategy trains on: ``n`` images per class, the NeRF's rendering at a
-sampled pose (off-centre like the target domain) composited over procedural backgrounds of the same kind
-as the target's but from another seed, and a box around the rendered opacity. The camera (image size and
-field of view) is the target domain's, so only the pose distribution differs between strategies.
+The one path from "a class's renderer and some camera poses" to "detection images with boxes". The strategies'
+training sets (:func:`make_synthetic_set`, what ``train_detector`` trains on) and Neural-Sim's relaxed samples
+(:mod:`instsim.neuralsim.samples`, what the loop optimizes) both go through :func:`render_detection_images`,
+so the ``neuralsim`` strategy trains on the same kind of image the loop steered.
+
+Conventions: images ``(n, H, W, 3)`` float in [0, 1]; renderers return premultiplied RGB + opacity
+``(n, H, W, 4)``; boxes ``(n, 4)`` COCO ``[x, y, w, h]`` in pixels around ``opacity > BOX_OPACITY``, zeros when
+nothing is visible. The camera is the target domain's (:class:`DetectionCamera`); each image's principal point
+is shifted by whole pixels so objects sit off-centre, as in the target domain.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from .scene.backgrounds import boxes_from_alpha, random_backgrounds
 from .cameras import Intrinsics, PoseSpace, pose_from_spherical
+from .nerf.rendering import render
+from .scene.backgrounds import BOX_OPACITY, boxes_from_alpha, composite_premultiplied, random_backgrounds
 from .seeds import class_seed
 
-__all__ = ["SynthSet", "detection_intrinsics", "render_posed", "make_synthetic_set", "BOX_OPACITY"]
+__all__ = [
+    "BOX_OPACITY",
+    "DetectionCamera",
+    "Renderer",
+    "SynthSet",
+    "draw_shifts",
+    "make_synthetic_set",
+    "render_detection_images",
+    "render_posed",
+]
 
-#: opacity above which a rendered pixel counts as object for its box (the target uses the same on alpha)
-BOX_OPACITY = 0.5
+#: ``(model, c2w (n, 4, 4), intrinsics, shifts (n, 2) pixels, requires_grad) -> (n, H, W, 4)`` premultiplied
+#: RGB + opacity; the default is :func:`render_posed` (a NeRF).
+Renderer = Callable[[Any, torch.Tensor, Intrinsics, torch.Tensor, bool], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DetectionCamera:
+    """The detection camera of the target domain: square ``intrinsics`` and the largest principal-point shift
+    ``max_shift`` in pixels."""
+
+    intrinsics: Intrinsics
+    max_shift: float
+
+    @property
+    def size(self) -> int:
+        """Image side in pixels."""
+        return int(self.intrinsics.w)
+
+    @classmethod
+    def from_target_config(cls, target_cfg: Mapping[str, Any]) -> DetectionCamera:
+        """From the config's ``target`` section: ``image_size`` (px), ``fov_deg`` and ``max_shift`` (a fraction
+        of the image size)."""
+        size = int(target_cfg["image_size"])
+        intr = Intrinsics.from_fov(size, size, math.radians(float(target_cfg["fov_deg"])))
+        return cls(intr, float(target_cfg["max_shift"]) * size)
+
+
+def draw_shifts(n: int, max_shift: float, generator: torch.Generator) -> torch.Tensor:
+    """``(n, 2)`` whole-pixel principal-point shifts, uniform in ``[-max_shift, max_shift]`` then rounded."""
+    return ((torch.rand(n, 2, generator=generator) * 2 - 1) * max_shift).round()
 
 
 @dataclass
@@ -35,21 +79,13 @@ class SynthSet:
     class_names: list[str]
 
 
-def detection_intrinsics(target_cfg: Mapping[str, Any]) -> Intrinsics:
-    """The detection camera (the target domain's): square ``image_size``, ``fov_deg``."""
-    size = int(target_cfg["image_size"])
-    return Intrinsics.from_fov(size, size, math.radians(float(target_cfg["fov_deg"])))
-
-
 def render_posed(
     model: torch.nn.Module, poses: torch.Tensor, intr: Intrinsics, shifts: torch.Tensor, requires_grad: bool = False
 ) -> torch.Tensor:
-    """Render ``poses`` ``(n, 4, 4)`` with per-image principal-point ``shifts`` ``(n, 2)`` (pixels).
+    """Render a NeRF at ``poses`` ``(n, 4, 4)`` with per-image principal-point ``shifts`` ``(n, 2)`` (pixels).
 
     Returns premultiplied RGB + opacity ``(n, H, W, 4)``; differentiable to ``poses`` when asked.
     """
-    from .nerf.rendering import render
-
     out = []
     for pose, (du, dv) in zip(poses, shifts.tolist()):
         r = render(model, pose, intr.shifted(du, dv), background=None, requires_grad=requires_grad)
@@ -57,29 +93,51 @@ def render_posed(
     return torch.stack(out)
 
 
+def render_detection_images(
+    model: Any,
+    poses: torch.Tensor,
+    camera: DetectionCamera,
+    shifts: torch.Tensor,
+    backgrounds: torch.Tensor,
+    renderer: Renderer = render_posed,
+    requires_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render ``model`` at ``poses`` ``(n, 4, 4)`` (already in the model's dtype and device), composite over
+    ``backgrounds`` ``(n, H, W, 3)`` and box the object.
+
+    Returns:
+        ``images (n, H, W, 3)`` in [0, 1] on the renderer's device (differentiable to ``poses`` when
+        ``requires_grad``), and ``boxes (n, 4)`` float32 on the CPU, detached (zeros: nothing visible).
+    """
+    with torch.set_grad_enabled(requires_grad):
+        rgba = renderer(model, poses, camera.intrinsics, shifts, requires_grad)
+        bg = backgrounds.to(device=rgba.device, dtype=rgba.dtype)
+        images = composite_premultiplied(rgba, bg).clamp(0, 1)
+    boxes = boxes_from_alpha(rgba[..., 3].detach().float().cpu(), BOX_OPACITY)
+    return images, boxes
+
+
 def make_synthetic_set(
     models: Mapping[str, torch.nn.Module],
     centres: Mapping[str, torch.Tensor],
     probs: Mapping[str, Mapping[str, torch.Tensor]],
     space: PoseSpace,
-    target_cfg: Mapping[str, Any],
+    camera: DetectionCamera,
     n_per_class: int,
     seed: int,
 ) -> SynthSet:
-    """Render ``n_per_class`` images of every class from its NeRF.
+    """Render ``n_per_class`` images of every class from its NeRF (no gradient), keeping those that show
+    their object.
 
     Args:
         models: class name -> trained NeRF (on its device).
         centres: class name -> ``(3,)`` world point the cameras look at (``intrinsics.json``'s ``centre``).
         probs: class name -> ``{factor: (bins,)}`` pose distribution to draw from.
         space: the binned pose space.
-        target_cfg: the config's ``target`` section (camera, ``max_shift``).
+        camera: the detection camera.
         seed: seeds poses, shifts and backgrounds (a stream apart from the target domain's).
     """
     names = sorted(models)
-    intr = detection_intrinsics(target_cfg)
-    size = intr.w
-    max_shift = float(target_cfg["max_shift"]) * size
     images, boxes, labels = [], [], []
     for k, name in enumerate(names):
         gen = torch.Generator().manual_seed(class_seed(seed, name, "synthetic"))
@@ -88,13 +146,10 @@ def make_synthetic_set(
         poses = pose_from_spherical(
             torch.deg2rad(sample.azimuth_deg), torch.deg2rad(sample.elevation_deg), sample.radius, centre
         ).float()
-        shifts = ((torch.rand(n_per_class, 2, generator=gen) * 2 - 1) * max_shift).round()
-        rgba = render_posed(models[name], poses, intr, shifts).cpu()
-        backgrounds = random_backgrounds(n_per_class, size, gen)
-        opacity = rgba[..., 3:4]
-        # the NeRF's rgb is premultiplied: composite = rgb + (1 - opacity) * background
-        rgb = (rgba[..., :3] + (1 - opacity) * backgrounds).clamp(0, 1)
-        box = boxes_from_alpha(rgba[..., 3], BOX_OPACITY)
+        shifts = draw_shifts(n_per_class, camera.max_shift, gen)
+        backgrounds = random_backgrounds(n_per_class, camera.size, gen)
+        rgb, box = render_detection_images(models[name], poses, camera, shifts, backgrounds)
+        rgb = rgb.cpu()
         visible = (box[:, 2] > 0) & (box[:, 3] > 0)  # a pose that shows nothing would teach "no object here"
         images.append(rgb[visible])
         boxes.append(box[visible])

@@ -10,6 +10,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 BLENDERNERF_TINY = DATA / "blendernerf_tiny"
+# Two BlenderNeRF classes (lamp, chair) made in real Blender and a COCO target of them with a shifted pose
+# distribution; a copy of shared/data/blender_coco_tiny, whose PROVENANCE.md says how it was made.
+BLENDER_COCO_TINY = DATA / "blender_coco_tiny"
 
 # Two cores on CI: keep torch from oversubscribing them while pytest runs.
 torch.set_num_threads(min(2, torch.get_num_threads()))

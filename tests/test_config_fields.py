@@ -1,12 +1,13 @@
 """The shared config-section checks (instsim/config_fields.py) and checkpoint reader (instsim.io.load_torch)
 that the detector and Neural-Sim configs and checkpoints use."""
 
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from instsim.config_fields import FieldChecks, is_int, is_number
+from instsim.config_fields import FieldChecks, dataclass_from_values, is_int, is_number
 from instsim.detect import DetectorConfig
 from instsim.errors import ConfigError, InputError
 from instsim.io import load_torch, save_torch
@@ -57,6 +58,26 @@ def test_known_keys():
     assert e.value.field == "detector.widht"
     with pytest.raises(ConfigError, match="must be a mapping, got list"):
         check.known_keys([1], ["lr"], "detector option")
+
+
+@dataclass(frozen=True)
+class _Section:
+    steps: int = 3
+    names: tuple = field(default_factory=lambda: ("a",))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, source=None) -> None:
+        FieldChecks("section", source).ints(self, ("steps",), 1)
+
+
+def test_dataclass_from_values_takes_defaults_and_names_the_file():
+    assert dataclass_from_values(_Section, {}) == _Section()
+    assert dataclass_from_values(_Section, {"steps": 7}) == _Section(steps=7, names=("a",))
+    with pytest.raises(ConfigError, match="section.steps") as e:
+        dataclass_from_values(_Section, {"steps": 0}, source="my.yaml")
+    assert e.value.file is not None and "my.yaml" in str(e.value)
 
 
 def test_detector_config_uses_the_shared_checks():

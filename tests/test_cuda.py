@@ -11,13 +11,20 @@ import torch
 
 from instsim import backend
 from instsim.cameras import Intrinsics, pose_from_spherical
-from instsim.errors import InstsimError
+from instsim.errors import InputError, InstsimError
 from instsim.nerf.config import NerfConfig
+from instsim.nerf.cuda_ops import HashEncode, march_packed
+from instsim.nerf.cuda_ops import composite as composite_cuda
+from instsim.nerf.cuda_ops import sh_encode as sh_cuda
 from instsim.nerf.encoding import HashEncoding, sh_encode
 from instsim.nerf.network import InstantNerf
 from instsim.nerf.normalization import SceneNormalization
 from instsim.nerf.occupancy import OccupancyGrid
 from instsim.nerf.rendering import composite, march, render
+from instsim.nerf.train import train_nerf
+from instsim.nerf.validate import validate_checkpoint
+from instsim.stages.intrinsics import extract_intrinsics
+from instsim.transforms import load_views
 
 BLENDERNERF_TINY = Path(__file__).resolve().parent / "data" / "blendernerf_tiny"
 GPU = torch.cuda.is_available()
@@ -64,7 +71,6 @@ def test_missing_cuda_torch_is_named():
 
 
 def test_backend_setting_is_validated():
-    from instsim.errors import InputError
 
     with pytest.raises(InputError, match="nerf.backend"):
         NerfConfig.cpu(backend="gpu")
@@ -174,7 +180,6 @@ def test_hash_encoding_gradcheck_float64():
     enc.backend = "cuda"
     x = (torch.rand(6, 3, device="cuda", dtype=torch.float64) * 0.8 + 0.1).requires_grad_(True)
     table = enc.table.detach().clone().uniform_(-1, 1).requires_grad_(True)
-    from instsim.nerf.cuda_ops import HashEncode
 
     def f(x_, t_):
         return HashEncode.apply(x_, t_, enc.level_res, enc.level_offsets, enc.level_dense, enc.log2_table)
@@ -184,7 +189,6 @@ def test_hash_encoding_gradcheck_float64():
 
 @needs_gpu
 def test_sh_encoding_matches_and_gradchecks():
-    from instsim.nerf.cuda_ops import sh_encode as sh_cuda
 
     d = torch.nn.functional.normalize(torch.randn(5000, 3, device="cuda"), dim=-1)
     assert _rel(sh_cuda(d), sh_encode(d)) < 1e-6
@@ -208,7 +212,6 @@ def _packed_samples(n_rays: int, max_per_ray: int, dtype, seed: int = 0):
 
 @needs_gpu
 def test_composite_matches_the_torch_path_and_gradchecks():
-    from instsim.nerf.cuda_ops import composite as composite_cuda
 
     ray, t, sigma, rgb, starts, counts = _packed_samples(300, 40, torch.float64)
     dt = 0.05
@@ -234,7 +237,6 @@ def test_composite_matches_the_torch_path_and_gradchecks():
 # ------------------------------------------------------------------------------------------- marching
 @needs_gpu
 def test_packed_march_chooses_the_torch_path_samples():
-    from instsim.nerf.cuda_ops import march_packed
 
     torch.manual_seed(3)
     grid = OccupancyGrid(32).cuda()
@@ -417,11 +419,6 @@ def test_pose_gradient_matches_finite_differences_float64():
 
 @needs_gpu
 def test_training_reaches_the_same_psnr_on_both_backends(tmp_path):
-    from instsim.stages.intrinsics import extract_intrinsics
-    from instsim.nerf.train import train_nerf
-    from instsim.nerf.validate import validate_checkpoint
-    from instsim.transforms import load_views
-
     train = load_views(BLENDERNERF_TINY / "transforms_train.json")
     test = load_views(BLENDERNERF_TINY / "transforms_test.json")
     info = extract_intrinsics(BLENDERNERF_TINY / "transforms_train.json")

@@ -7,8 +7,10 @@ import math
 
 import pytest
 import torch
+from torch.func import grad, vmap
 
 from instsim.detect import (
+    DetectionTargets,
     SHAPE_NAMES,
     DetectorConfig,
     DetectorTrainingError,
@@ -167,10 +169,6 @@ def test_detection_loss_functional_params(shapes):
 
 def test_per_image_grads_with_torch_func(shapes):
     """torch.func.vmap(grad(...)) over images gives per-image parameter gradients summing to the batch gradient."""
-    from torch.func import grad, vmap
-
-    from instsim.detect import DetectionTargets
-
     images, boxes, labels = shapes
     model = build_detector(DetectorConfig(width=8, head_width=8))
     t = encode_targets(boxes[:3], labels[:3], 64, 3)

@@ -8,12 +8,18 @@ from pathlib import Path
 
 import torch
 
+from instsim import backend
 from instsim.cameras import Intrinsics, PoseSpace, pose_from_spherical
+from instsim.errors import InstsimError
+from instsim.nerf.config import NerfConfig
+from instsim.nerf.network import InstantNerf
+from instsim.nerf.normalization import SceneNormalization
+from instsim.nerf.validate import validate_checkpoint
 from instsim.stages import dataset as dataset_stage
 from instsim.stages.dataset import import_folder
 from instsim.stages.intrinsics import extract_intrinsics
 from instsim.stages.target import render_target
-from instsim.transforms import Frame, Transforms
+from instsim.transforms import Frame, Transforms, Views
 
 from conftest import BLENDERNERF_TINY
 
@@ -78,3 +84,34 @@ def test_folder_target_records_views_outside_the_pose_space(tmp_path, caplog):
     n_views = len(json.loads((BLENDERNERF_TINY / "transforms_test.json").read_text())["frames"])
     assert outside["folder_views_outside_pose_space"] == {"obj": n_views}
     assert any("outside pose_space" in r.getMessage() for r in caplog.records)
+
+
+def test_auto_backend_fallback_on_a_gpu_is_remembered(monkeypatch, caplog):
+    """``backend: auto`` on a GPU whose kernels do not load takes the PyTorch path with a warning, and the reason is
+    kept for the stages' JSON. (Device index 7: a cache entry of its own, on a CPU-only machine too.)"""
+    def no_kernels(index):
+        raise InstsimError("nvcc not found")
+
+    monkeypatch.setattr(backend, "load_kernels", no_kernels)
+    gpu = torch.device("cuda", 7)
+    assert backend.fallback_reason(gpu) is None
+    with caplog.at_level(logging.WARNING, logger="instsim"):
+        assert backend.uses_cuda("auto", gpu) is False
+    assert backend.fallback_reason(gpu) == "nvcc not found"
+    assert any("nvcc not found" in r.getMessage() for r in caplog.records)
+    assert backend.fallback_reason("cpu") is None
+
+
+def test_validation_records_a_backend_fallback(monkeypatch):
+    """validation.json says when its numbers come from the PyTorch path on a GPU meant for the kernels."""
+    cfg = NerfConfig.cpu(n_levels=2, log2_table=8, base_res=4, max_res=16, hidden_dim=8, grid_res=8, march_steps=64)
+    model = InstantNerf(cfg, SceneNormalization.from_bound([0.0, 0.0, 0.0], 1.0)).eval()
+    intr = Intrinsics.from_fov(8, 8, 0.8)
+    pose = pose_from_spherical(torch.tensor([0.3]), torch.tensor([0.2]), torch.tensor([3.0])).float()
+    views = Views(torch.rand(1, 8, 8, 4), pose, intr, ["v0"])
+    assert "backend_fallback" not in validate_checkpoint(model, views)
+    monkeypatch.setattr(backend, "fallback_reason", lambda device: "nvcc not found")
+    assert validate_checkpoint(model, views)["backend_fallback"] == "nvcc not found"
+    # a model configured for the PyTorch path did not fall back: nothing to record
+    torch_path = InstantNerf(cfg.replace(backend="torch"), SceneNormalization.from_bound([0.0, 0.0, 0.0], 1.0)).eval()
+    assert "backend_fallback" not in validate_checkpoint(torch_path, views)

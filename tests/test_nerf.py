@@ -22,6 +22,7 @@ from instsim.nerf.network import InstantNerf
 from instsim.nerf.normalization import SceneNormalization
 from instsim.nerf.occupancy import OccupancyGrid
 from instsim.nerf.rendering import composite, march, render, transmittance
+from instsim.nerf import train as train_mod
 from instsim.nerf.train import train_nerf
 from instsim.nerf.validate import convention_check, validate_checkpoint
 from instsim.transforms import load_views
@@ -403,8 +404,6 @@ def test_training_resumes_from_its_checkpoint(tiny, tmp_path):
 
 def test_nan_loss_names_the_step_and_keeps_the_checkpoint(tiny, tmp_path, monkeypatch):
     train, _, info = tiny
-    import instsim.nerf.train as train_mod
-
     real = train_mod.render_rays
     calls = {"n": 0}
 

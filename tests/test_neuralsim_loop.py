@@ -22,16 +22,13 @@ from instsim.nerf.config import NerfConfig
 from instsim.nerf.network import InstantNerf
 from instsim.nerf.normalization import SceneNormalization
 from instsim.neuralsim import PoseDistribution, draw_noise, implicit_image_grad
-from instsim.neuralsim.loop import (
-    ClassSamples,
-    NeuralSimConfig,
-    NeuralSimError,
-    ValSet,
-    draw_samples,
-    optimize_distribution,
-    render_relaxed,
-    trajectory_columns,
-)
+from instsim.neuralsim.config import NeuralSimConfig, psi_lr_at
+from instsim.neuralsim.loop import optimize_distribution
+from instsim.neuralsim.objective import ValSet
+from instsim.neuralsim.samples import ClassRenderers, ClassSamples, draw_samples, render_relaxed
+from instsim.neuralsim.step import BilevelProblem, NeuralSimError
+from instsim.neuralsim.trajectory import trajectory_columns
+from instsim.synthesis import DetectionCamera
 
 F64 = torch.float64
 
@@ -45,7 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _random_nerf(centre) -> InstantNerf:
+def random_nerf(centre) -> InstantNerf:
     torch.manual_seed(0)
     cfg = NerfConfig.cpu(n_levels=4, log2_table=10, base_res=4, max_res=32, hidden_dim=16, grid_res=16, march_steps=128)
     model = InstantNerf(cfg, SceneNormalization.from_bound(list(centre), 1.3)).to(F64)
@@ -59,7 +56,7 @@ def test_render_gradient_wrt_psi_through_the_nerf_matches_finite_differences():
                                    "elevation": {"bins": 3, "low": -30.0, "high": 60.0},
                                    "zoom": {"bins": 3, "low": 2.8, "high": 4.0}})
     centre = torch.tensor([0.1, -0.2, 0.05], dtype=F64)
-    model = _random_nerf(centre)
+    model = random_nerf(centre)
     gen = torch.Generator().manual_seed(1)
     dist = PoseDistribution(space, ["obj"], learned=["azimuth", "elevation", "zoom"], dtype=F64)
     with torch.no_grad():
@@ -71,15 +68,17 @@ def test_render_gradient_wrt_psi_through_the_nerf_matches_finite_differences():
     weights = torch.rand(n, 3, 10, 10, generator=gen, dtype=F64)
     tau = 0.7  # soft samples: every bin's logit moves the pose
 
+    renders = ClassRenderers({"obj": model}, {"obj": centre}, DetectionCamera(intr, 0.0))
+
     def f() -> torch.Tensor:
-        images, _ = render_relaxed(model, centre, dist, "obj", samples, intr, tau, requires_grad=True)
+        images, _ = render_relaxed(renders, dist, "obj", samples, tau, "soft", requires_grad=True)
         return (images * weights).sum()
 
     params = list(dist.parameters())
     grads = torch.autograd.grad(f(), params)
     with torch.no_grad():
-        frozen, boxes = render_relaxed(model, centre, dist, "obj", samples, intr, tau)
-        again, _ = render_relaxed(model, centre, dist, "obj", samples, intr, tau, requires_grad=True)
+        frozen, boxes = render_relaxed(renders, dist, "obj", samples, tau, "soft")
+        again, _ = render_relaxed(renders, dist, "obj", samples, tau, "soft", requires_grad=True)
     assert not frozen.requires_grad and frozen.shape == (n, 3, 10, 10)
     assert torch.equal(frozen, again.detach())  # the gradient re-render is the no-grad render
     assert (boxes[:, 2] > 0).all()  # the object is in view
@@ -147,30 +146,37 @@ def disk_problem():
 
 def make_disk_problem():
     """The stand-in class and its target/val set: 40 images at the target distribution (mostly high, orange).
-    Returns ``(models, centres, val)``; also used by tests/reliability's kill-and-resume worker."""
+    Returns ``(renders, val)``; also used by tests/reliability's kill-and-resume worker."""
     centres = {"disk": torch.tensor([0.1, -0.1, 0.0])}
-    models = {"disk": Disk(centres["disk"])}
-    from instsim.synthesis import detection_intrinsics
-
-    intr = detection_intrinsics(TARGET_CFG)
+    renders = ClassRenderers({"disk": Disk(centres["disk"])}, centres, DetectionCamera.from_target_config(TARGET_CFG),
+                             disk_renderer)
     target = PoseDistribution(SPACE, ["disk"], learned=["elevation"], init={"disk": TARGET})
-    samples = draw_samples(SPACE, ["disk"], 40, 32, 0.15 * 32, torch.Generator().manual_seed(123))["disk"]
-    images, boxes = render_relaxed(models["disk"], centres["disk"], target, "disk", samples, intr, 0.05, renderer=disk_renderer)
+    samples = draw_samples(SPACE, ["disk"], 40, renders.camera, torch.Generator().manual_seed(123))["disk"]
+    images, boxes = render_relaxed(renders, target, "disk", samples, 0.05, "soft")
     val = ValSet(images, [b[None] for b in boxes], [torch.tensor([0]) for _ in boxes])
-    return models, centres, val
+    return renders, val
+
+
+def disk_bilevel(disk_problem, device: str = "cpu", renderer=None) -> BilevelProblem:
+    """The stand-in problem as Neural-Sim's :class:`BilevelProblem` (optionally with another renderer)."""
+    renders, val = disk_problem
+    if renderer is not None:
+        renders = ClassRenderers(renders.models, renders.centres, renders.camera, renderer)
+    return BilevelProblem(renders, SPACE, val, DETECTOR, TARGET, torch.device(device))
 
 
 def _cfg(**kw) -> NeuralSimConfig:
+    # the stand-in's settings, written out (not the library defaults, which are the default run's)
     base = {"iterations": 30, "images_per_class": 32, "inner_steps": 5, "inner_lr": 1e-3, "learned": ["elevation"],
-            "pretrain_steps": 0, "psi_lr": 0.1, "eval_every": 10, "checkpoint_every": 2, "seed": 0}
+            "pretrain_steps": 0, "psi_lr": 0.1, "eval_every": 10, "checkpoint_every": 2, "seed": 0,
+            "temperature": 0.5, "relaxation": "soft", "reset_detector": False}
     base.update(kw)
     return NeuralSimConfig.from_dict(base)
 
 
-def _run(disk_problem, cfg, **kw):
-    models, centres, val = disk_problem
-    return optimize_distribution(models, centres, SPACE, val, TARGET, cfg, DETECTOR, TARGET_CFG, progress=False,
-                                 renderer=disk_renderer, log_fn=lambda msg: None, **kw)
+def _run(disk_problem, cfg, device: str = "cpu", renderer=None, **kw):
+    return optimize_distribution(disk_bilevel(disk_problem, device, renderer), cfg, progress=False,
+                                 log_fn=lambda msg: None, **kw)
 
 
 def test_loop_moves_psi_toward_the_target(disk_problem, tmp_path):
@@ -202,9 +208,9 @@ def test_loop_with_a_hard_forward_relaxation_moves_psi_toward_the_target(disk_pr
 def test_loop_with_the_sign_dropped_moves_psi_away(disk_problem, monkeypatch):
     """The published code's sign error (ascending L_val): the same loop drives psi away from the target, so the
     test above measures the hypergradient, not a bias of the sampler or renderer."""
-    from instsim.neuralsim import loop
+    from instsim.neuralsim import step
 
-    monkeypatch.setattr(loop, "implicit_image_grad", lambda *a, **k: -implicit_image_grad(*a, **k))
+    monkeypatch.setattr(step, "implicit_image_grad", lambda *a, **k: -implicit_image_grad(*a, **k))
     _, _, rows = _run(disk_problem, _cfg(iterations=10))
     assert rows[-1]["tv_to_target"] > rows[0]["tv_to_target"] + 0.1, [round(r["tv_to_target"], 3) for r in rows]
 
@@ -248,8 +254,6 @@ def test_reset_detector_restarts_every_iteration_from_the_warm_start(disk_proble
 def test_cosine_psi_lr_schedule_anneals_the_steps_and_still_descends(disk_problem):
     """psi_lr_schedule cosine: psi_lr at the first iteration, falling to ~0 at the last (Adam's steps shrink with it,
     the last one a tiny fraction of the first), and psi still moves toward the target."""
-    from instsim.neuralsim.loop import psi_lr_at
-
     cfg = _cfg(psi_lr=0.2, psi_lr_schedule="cosine")
     lrs = [psi_lr_at(cfg, t) for t in range(1, cfg.iterations + 1)]
     assert lrs[0] == pytest.approx(0.2) and lrs[cfg.iterations // 2] == pytest.approx(0.1)
@@ -309,12 +313,10 @@ def test_non_finite_gradient_stops_with_a_clear_error_and_keeps_the_checkpoint(d
                 out = out * torch.tensor(float("nan"))
         return out
 
-    models, centres, val = disk_problem
     ckpt = tmp_path / "state.pt"
     cfg = _cfg(iterations=6, images_per_class=8, inner_steps=1, checkpoint_every=2)
     with pytest.raises(NeuralSimError, match=r"iteration 4.*not finite.*iteration 2\) is kept"):
-        optimize_distribution(models, centres, SPACE, val, TARGET, cfg, DETECTOR, TARGET_CFG, progress=False,
-                              renderer=broken, checkpoint_path=ckpt, log_fn=lambda msg: None)
+        _run(disk_problem, cfg, renderer=broken, checkpoint_path=ckpt)
     assert torch.load(ckpt, weights_only=True)["iteration"] == 2
 
 

@@ -11,6 +11,7 @@ from instsim.cameras import Intrinsics, get_rays, pose_from_spherical, project, 
 from instsim.errors import InputError
 from instsim.scene import GESTURES, Scene, bounding_radius, make_hand, render_alpha_depth, render_scene
 from instsim.scene.hand import scene_sdf
+from instsim.scene import render as render_mod
 from instsim.scene.render import intersect_capsules
 
 INTR = Intrinsics.from_fov(64, 64, math.radians(40))
@@ -218,8 +219,6 @@ def test_deterministic(hands):
 
 
 def test_batched_views_match_single_views(monkeypatch):
-    import instsim.scene.render as render_mod
-
     scene = make_hand("yeah")
     poses = poses_deg([0.0, 70.0, 150.0, 260.0, 330.0], [10.0, -20.0, 45.0, 5.0, 70.0])
     batch = render_scene(scene, poses, INTR)

@@ -12,6 +12,7 @@ config.yaml and the library's dataclasses say the same thing.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,10 +25,12 @@ from instsim.detect import DetectorConfig
 from instsim.errors import InputError
 from instsim.nerf.config import PRESETS, NerfConfig
 from instsim.nerf.rendering import BACKGROUNDS
-from instsim.neuralsim.implicit import INVERSE_HVP_METHODS
-from instsim.neuralsim.loop import PSI_LR_SCHEDULES, InverseHVPConfig, NeuralSimConfig
+from instsim.neuralsim.config import INVERSE_HVP_METHODS, PSI_LR_SCHEDULES, InverseHVPConfig, NeuralSimConfig
+from instsim.neuralsim.distribution import PoseDistribution
 from instsim.neuralsim.sampling import RELAXATIONS
 from instsim.scene import GESTURES
+from instsim.scene.blender import ENGINES
+from instsim.stages.coco_target import RESIZE_MODES, TARGET_SOURCES
 from instsim.stages.config import NERF_WORKFLOW_KEYS, nerf_config
 from instsim.stages.dataset import CLASS_SOURCES
 from instsim.stages.strategies import STRATEGIES, detector_config
@@ -55,6 +58,9 @@ ENUMS: dict[str, tuple] = {
     "device": DEVICES,
     "definitions.class_source.source": CLASS_SOURCES,
     "definitions.class_source.gesture": GESTURES,
+    "definitions.class_source.engine": ENGINES,
+    "target.source": TARGET_SOURCES,
+    "target.resize": RESIZE_MODES,
     "nerf.preset": PRESETS,
     "nerf.backend": BACKENDS,
     "nerf.validation_background": tuple(BACKGROUNDS),
@@ -138,6 +144,9 @@ def test_the_schema_states_no_defaults():
 
 def test_config_yaml_is_the_library_defaults():
     """Every dataclass-backed section of config.yaml equals what the library does when given nothing."""
+    assert NeuralSimConfig.from_dict(CONFIG["neuralsim"]) == NeuralSimConfig()
+    # the learned factors are also PoseDistribution's default
+    assert tuple(inspect.signature(PoseDistribution).parameters["learned"].default) == NeuralSimConfig().learned
     det = CONFIG["detector"]
     assert detector_config(det["settings"], CONFIG["target"]["image_size"], len(CONFIG["classes"]), CONFIG["seed"]) \
         == DetectorConfig()

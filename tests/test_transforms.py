@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
@@ -31,8 +32,6 @@ def test_reads_real_blendernerf_dataset():
 
 
 def test_write_read_round_trip_without_extension(tmp_path):
-    import imageio.v3 as iio
-
     (tmp_path / "train").mkdir()
     iio.imwrite(tmp_path / "train" / "r_0.png", np.zeros((6, 8, 4), np.uint8))
     intr = Intrinsics.from_fov(8, 6, 0.9)

@@ -3,6 +3,7 @@
 import json
 
 import imageio.v3 as iio
+import pandas as pd
 import pytest
 
 from conftest import BLENDERNERF_TINY
@@ -161,8 +162,6 @@ def test_nerfs_validated(tiny_run):
 
 
 def test_summary_compares_strategies(tiny_run):
-    import pandas as pd
-
     table = pd.read_csv(tiny_run / "results/eval/summary.tsv", sep="\t", dtype={"seed": str})
     assert set(table.strategy) == set(tiny_config()["strategies"])
     assert {"AP", "AP50", "AP75", "AP_fist", "AP_palm", "AP_yeah"} <= set(table.columns)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO
+from conftest import BLENDER_COCO_TINY, REPO
 
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -21,6 +21,19 @@ def tiny_config(**overrides) -> dict:
     cfg = yaml.safe_load(TINY.read_text())
     cfg.update(copy.deepcopy(overrides))
     return cfg
+
+
+def byo_config(**target) -> dict:
+    """The tiny config on the real Blender fixture: its lamp and chair BlenderNeRF folders as classes and its
+    COCO splits as the target (images resized from 64 to 48 px), the oracle from its distribution.json;
+    ``target`` replaces keys of the target section."""
+    d = BLENDER_COCO_TINY
+    return tiny_config(
+        classes={"chair": {"source": "folder", "path": str(d / "chair")}, "lamp": {"source": "folder", "path": str(d / "lamp")}},
+        target={"source": "coco", "image_size": 48, "fov_deg": 39.6, "max_shift": 0.15, "val": str(d / "target" / "val"),
+                "test": str(d / "target" / "test"), "distribution_file": str(d / "target" / "val" / "distribution.json"),
+                **target},
+    )
 
 
 def run_snakemake(workdir: Path, config: dict | None = None, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:

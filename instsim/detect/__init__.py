@@ -35,6 +35,7 @@ from .train import (
     finetune,
     load_detector,
     lr_at,
+    param_groups,
     save_detector,
     train_detector,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "augment_batch",
     "train_detector",
     "finetune",
+    "param_groups",
     "save_detector",
     "load_detector",
     "SHAPE_NAMES",

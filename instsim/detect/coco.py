@@ -102,11 +102,13 @@ def _list_field(d: Mapping, key: str, source: str, allow_empty: bool, what: str)
     return v
 
 
-def _check_bbox(bbox: Any, source: str, field: str, allow_zero: bool = False) -> list[float]:
+def _check_bbox(bbox: Any, source: str, field: str, allow_zero: bool = False, what: str = "") -> list[float]:
+    pre = f"{what}: " if what else ""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
-        raise InputError(source, field, f"must be [x, y, width, height] with 4 finite numbers, got {bbox!r}")
+        raise InputError(source, field, f"{pre}must be [x, y, width, height] with 4 finite numbers, got {bbox!r}")
     if (bbox[2] < 0 or bbox[3] < 0) if allow_zero else (bbox[2] <= 0 or bbox[3] <= 0):
-        raise InputError(source, field, f"width and height must be {'>= 0' if allow_zero else '> 0'} pixels, got {bbox!r}")
+        raise InputError(source, field,
+                         f"{pre}width and height must be {'>= 0' if allow_zero else '> 0'} pixels, got {bbox!r}")
     return [float(v) for v in bbox]
 
 
@@ -121,13 +123,31 @@ def _check_record(record: Any, source: str, field: str, kind: str, seen_ids: set
         raise InputError(source, f"{field}.id", f"duplicate {kind} id {record['id']}")
 
 
-def validate_coco(d: Any, source: str | Path | None = None) -> dict:
+#: how far (pixels) a box may reach past its image's border: exports write float boxes, and a box clipped to the
+#: border can come back a rounding error past it; anything further is a labelling error
+BOX_BORDER_TOLERANCE = 1e-3
+
+
+def validate_coco(
+    d: Any, source: str | Path | None = None, *, boxes_in_image: bool = False, file_names: bool = False
+) -> dict:
     """Check a COCO ground-truth dict and return a normalised copy (``area`` and ``iscrowd`` filled in).
+
+    Messages name the list index as the field (``annotations[3].bbox``) and the COCO id in the text, since
+    a user finds an entry of a real export by its id. Extra keys (``info``, ``licenses``, ``segmentation``,
+    ``license``, ...) are kept untouched.
+
+    Args:
+        boxes_in_image: also require every image to give ``width``/``height`` and every box to lie inside
+            its image (within :data:`BOX_BORDER_TOLERANCE` pixels): a user's import, where a box outside the
+            image is a labelling error.
+        file_names: also require every image's ``file_name`` to be a non-empty relative path (no ``..``).
 
     Raises:
         InputError: naming ``source`` and the field, for a missing/empty ``images``/``annotations``/
             ``categories`` list, a missing or duplicate id, a bad ``bbox`` (not 4 finite numbers, or
-            width/height <= 0), an unknown ``image_id`` or ``category_id``, or a bad ``area``/``iscrowd``.
+            width/height <= 0), an unknown ``image_id`` or ``category_id``, or a bad ``area``/``iscrowd``
+            (and the checks the flags add).
     """
     src = str(source) if source is not None else _GT_SOURCE
     if not isinstance(d, Mapping):
@@ -140,8 +160,18 @@ def validate_coco(d: Any, source: str | Path | None = None) -> dict:
     for i, img in enumerate(images):
         _check_record(img, src, f"images[{i}]", "image", image_ids)
         for key in ("width", "height"):
+            if boxes_in_image and key not in img:
+                raise InputError(src, f"images[{i}].{key}", f"image id {img['id']}: missing")
             if key in img and not (is_number(img[key]) and img[key] > 0):
-                raise InputError(src, f"images[{i}].{key}", f"must be a positive number of pixels, got {img[key]!r}")
+                raise InputError(src, f"images[{i}].{key}",
+                                 f"image id {img['id']}: must be a positive number of pixels, got {img[key]!r}")
+        if file_names:
+            name = img.get("file_name")
+            if not isinstance(name, str) or not name.strip():
+                raise InputError(src, f"images[{i}].file_name", f"image id {img['id']}: must be a file name, got {name!r}")
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise InputError(src, f"images[{i}].file_name",
+                                 f"image id {img['id']}: must be relative to the image folder, got {name!r}")
         image_ids.add(img["id"])
         out_images.append(dict(img))
 
@@ -149,33 +179,43 @@ def validate_coco(d: Any, source: str | Path | None = None) -> dict:
     for i, cat in enumerate(cats):
         _check_record(cat, src, f"categories[{i}]", "category", cat_ids)
         if "name" in cat and not isinstance(cat["name"], str):
-            raise InputError(src, f"categories[{i}].name", f"must be a string, got {cat['name']!r}")
+            raise InputError(src, f"categories[{i}].name", f"category id {cat['id']}: must be a string, got {cat['name']!r}")
         cat_ids.add(cat["id"])
         out_cats.append({**cat, "name": cat.get("name", str(cat["id"]))})
 
+    sizes = {img["id"]: (img.get("width"), img.get("height")) for img in out_images}
     out_anns, ann_ids = [], set()
     for i, ann in enumerate(anns):
         f = f"annotations[{i}]"
         _check_record(ann, src, f, "annotation", ann_ids)
         ann_ids.add(ann["id"])
+        what = f"annotation id {ann['id']}"
         if "image_id" not in ann:
-            raise InputError(src, f"{f}.image_id", "missing")
+            raise InputError(src, f"{f}.image_id", f"{what}: missing")
         if ann["image_id"] not in image_ids:
-            raise InputError(src, f"{f}.image_id", f"unknown image id {ann['image_id']!r} (not in images)")
+            raise InputError(src, f"{f}.image_id", f"{what}: unknown image id {ann['image_id']!r} (not in images)")
+        what = f"annotation id {ann['id']} (image id {ann['image_id']})"
         if "category_id" not in ann:
-            raise InputError(src, f"{f}.category_id", "missing")
+            raise InputError(src, f"{f}.category_id", f"{what}: missing")
         if ann["category_id"] not in cat_ids:
             raise InputError(src, f"{f}.category_id",
-                             f"unknown category id {ann['category_id']!r} (known: {sorted(cat_ids)})")
+                             f"{what}: unknown category id {ann['category_id']!r} (known: {sorted(cat_ids)})")
         if "bbox" not in ann:
-            raise InputError(src, f"{f}.bbox", "missing")
-        bbox = _check_bbox(ann["bbox"], src, f"{f}.bbox")
+            raise InputError(src, f"{f}.bbox", f"{what}: missing")
+        bbox = _check_bbox(ann["bbox"], src, f"{f}.bbox", what=what)
+        if boxes_in_image:
+            w, h = sizes[ann["image_id"]]
+            x, y, bw, bh = bbox
+            tol = BOX_BORDER_TOLERANCE
+            if x < -tol or y < -tol or x + bw > w + tol or y + bh > h + tol:
+                raise InputError(src, f"{f}.bbox", f"{what}: box {ann['bbox']!r} (x, y, width, height) reaches outside "
+                                 f"its {w:g}x{h:g} image")
         area = ann.get("area", bbox[2] * bbox[3])
         if not (is_number(area) and area >= 0):
-            raise InputError(src, f"{f}.area", f"must be a finite number >= 0, got {area!r}")
+            raise InputError(src, f"{f}.area", f"{what}: must be a finite number >= 0, got {area!r}")
         iscrowd = ann.get("iscrowd", 0)
         if iscrowd not in (0, 1) or isinstance(iscrowd, bool):
-            raise InputError(src, f"{f}.iscrowd", f"must be 0 or 1, got {iscrowd!r}")
+            raise InputError(src, f"{f}.iscrowd", f"{what}: must be 0 or 1, got {iscrowd!r}")
         out_anns.append({**ann, "bbox": bbox, "area": float(area), "iscrowd": int(iscrowd)})
     return {**d, "images": out_images, "annotations": out_anns, "categories": out_cats}
 
@@ -190,9 +230,9 @@ def _read_json(path: str | Path) -> Any:
         raise InputError(p, None, f"not valid JSON: {e}") from None
 
 
-def load_coco(path: str | Path) -> dict:
-    """Read and validate (:func:`validate_coco`) a COCO ground-truth json file."""
-    return validate_coco(_read_json(path), path)
+def load_coco(path: str | Path, **checks: bool) -> dict:
+    """Read and validate (:func:`validate_coco`, ``checks`` its flags) a COCO ground-truth json file."""
+    return validate_coco(_read_json(path), path, **checks)
 
 
 def validate_detections(dets: Any, gt: Mapping, source: str | Path | None = None) -> list[dict]:

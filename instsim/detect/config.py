@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config_fields import FieldChecks
+from ..config_fields import FieldChecks, dataclass_from_values
 from ..errors import ConfigError
 
 __all__ = ["DetectorConfig"]
@@ -129,13 +129,8 @@ class DetectorConfig:
             dil = kwargs["dilations"]
             if not isinstance(dil, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) for x in dil):
                 raise ConfigError(source, "detector.dilations", f"must be a list of positive integers, got {dil!r}")
-            kwargs["dilations"] = tuple(dil)
-        cfg = cls.__new__(cls)
-        for f in fields(cls):
-            object.__setattr__(cfg, f.name, kwargs.get(f.name, f.default))
-        object.__setattr__(cfg, "dilations", tuple(int(x) for x in cfg.dilations))
-        cfg.validate(source)
-        return cfg
+            kwargs["dilations"] = tuple(int(x) for x in dil)
+        return dataclass_from_values(cls, kwargs, source)
 
     def total_steps(self, num_images: int) -> int:
         """Optimizer steps of a full training run on ``num_images`` images (``steps`` or ``epochs`` epochs)."""

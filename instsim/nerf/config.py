@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
 from ..backend import BACKENDS, DEVICES
+from ..config_fields import FieldChecks
 from ..errors import InputError
 
 __all__ = ["NerfConfig", "CONSTRUCTION_KEYS", "PRESETS", "LOSSES", "resolve_max_res"]
@@ -174,23 +175,17 @@ class NerfConfig:
         if name not in PRESETS:
             raise InputError(source, "nerf.preset", f"must be one of {list(PRESETS)}, got {name!r}")
         base = cls.cpu().to_dict() if name == "cpu" else cls().to_dict()
-        known = set(base)
-        for key in overrides or {}:
-            if key not in known:
-                raise InputError(source, f"nerf.{key}", f"unknown NeRF setting (known: {', '.join(sorted(known))})")
-        return cls.from_dict({**base, **dict(overrides or {})}, source=source)
+        overrides = FieldChecks("nerf", source).known_keys(overrides or {}, base, "NeRF setting")
+        return cls.from_dict({**base, **overrides}, source=source)
 
     # ------------------------------------------------------------------ dict round trip
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str | None = None) -> "NerfConfig":
         """Build from a (config-file) dict. Unknown keys raise :class:`InputError` naming the key; missing
         keys take the defaults. ``source`` names the file for the error message."""
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise InputError(source, f"nerf.{key}", f"unknown NeRF setting (known: {', '.join(sorted(known))})")
+        d = FieldChecks("nerf", source).known_keys(d, (f.name for f in fields(cls)), "NeRF setting")
         try:
-            return cls(**dict(d))
+            return cls(**d)
         except InputError as e:
             raise InputError(source, e.field, e.message) from None
 

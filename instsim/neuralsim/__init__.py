@@ -1,4 +1,7 @@
-"""instsim.neuralsim: the NeRF- and detector-independent core of Neural-Sim.
+"""instsim.neuralsim: Neural-Sim, the bilevel optimization of a pose distribution through a renderer and a
+detector.
+
+The core, independent of NeRFs and detectors:
 
 * :mod:`.distribution` -- :class:`PoseDistribution`, the learned per-class categorical distributions psi over
   binned pose factors (azimuth / elevation / zoom), ``distribution.json`` I/O and TV distances.
@@ -6,6 +9,14 @@
   without gradient can be re-rendered identically with gradient through the poses.
 * :mod:`.implicit` -- Hessian-vector products, inverse-HVP (identity / Neumann / CG) and implicit
   hypergradients, including the per-image form used by the outer loop (minus sign applied).
+
+The outer loop, which renders through :mod:`instsim.synthesis` and trains an :mod:`instsim.detect` detector:
+
+* :mod:`.config` -- :class:`~.config.NeuralSimConfig`, the config's ``neuralsim`` section;
+* :mod:`.samples` -- the stored samples of each class and their renders with and without gradient;
+* :mod:`.objective` -- the val set, ``L_val`` and its gradient, the val AP;
+* :mod:`.step` -- one outer iteration; :mod:`.loop` -- :func:`~.loop.optimize_distribution`;
+* :mod:`.trajectory` -- ``trajectory.tsv``; :mod:`.resume` -- resume checkpoints.
 
 Typical outer-loop iteration (per class ``c``; ``render`` and the detector come from elsewhere)::
 

@@ -33,7 +33,7 @@ Relaxations (``relaxation=``):
   exactly the hard sampler's: that bin's centre plus jitter), backward the soft weights' gradient of the
   formula above. The temperature then shapes only the gradient: measured on the default run's NeRFs, the
   direction's consistency rose from tau = 0.2 (none) to tau = 1, and the loop learned best at tau = 2 (the
-  default; README, Neural-Sim section): the higher tau, the less the soft weights that scale each logit's
+  default; docs/experiments.md): the higher tau, the less the soft weights that scale each logit's
   gradient depend on the Gumbel noise and on the current probabilities.
 * ``"neighbour"``: interpolation between the Gumbel-max bin ``k`` and its two neighbours only::
 

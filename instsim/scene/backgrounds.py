@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["random_backgrounds", "composite", "boxes_from_alpha"]
+__all__ = ["BOX_OPACITY", "random_backgrounds", "composite", "composite_premultiplied", "boxes_from_alpha"]
 
 
 def _gradient(n: int, size: int, g: torch.Generator) -> torch.Tensor:
@@ -80,12 +80,23 @@ def random_backgrounds(n: int, size: int, generator: torch.Generator) -> torch.T
 
 
 def composite(rgba: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
-    """Straight-alpha RGBA ``(..., H, W, 4)`` over ``background`` ``(..., H, W, 3)`` -> RGB ``(..., H, W, 3)``."""
+    """Straight-alpha RGBA ``(..., H, W, 4)`` (the hand renderer's, images on disk) over ``background``
+    ``(..., H, W, 3)`` -> RGB ``(..., H, W, 3)``."""
     alpha = rgba[..., 3:4]
     return rgba[..., :3] * alpha + background * (1 - alpha)
 
 
-def boxes_from_alpha(alpha: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+def composite_premultiplied(rgba: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """Premultiplied RGB + opacity ``(..., H, W, 4)`` (a NeRF's render) over ``background`` ``(..., H, W, 3)``
+    -> RGB ``(..., H, W, 3)``: ``rgb + (1 - opacity) * background`` (not clamped)."""
+    return rgba[..., :3] + (1 - rgba[..., 3:4]) * background
+
+
+#: opacity (or alpha) above which a pixel counts as object for its box, for every image instsim makes
+BOX_OPACITY = 0.5
+
+
+def boxes_from_alpha(alpha: torch.Tensor, threshold: float = BOX_OPACITY) -> torch.Tensor:
     """Tight boxes around ``alpha > threshold``: ``alpha`` ``(B, H, W)`` -> ``(B, 4)`` COCO ``[x, y, w, h]`` in
     pixels (pixel edges, so a single covered pixel ``(u, v)`` gives ``[u, v, 1, 1]``). Empty masks give zeros."""
     mask = alpha > threshold

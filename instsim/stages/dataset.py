@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 #: where a class's object comes from (the config's ``classes.<name>.source``): ``procedural`` the built-in hand
-#: (:func:`generate_procedural`), ``folder`` a BlenderNeRF / NeRF-synthetic dataset (:func:`import_folder`)
-CLASS_SOURCES = ("procedural", "folder")
+#: (:func:`generate_procedural`), ``folder`` a BlenderNeRF / NeRF-synthetic dataset (:func:`import_folder`),
+#: ``blender`` an object of a .blend file (:func:`instsim.scene.blender.capture_blender_class`, then :func:`import_folder`)
+CLASS_SOURCES = ("procedural", "folder", "blender")
 
 
 def dataset_intrinsics(ds_cfg: Mapping[str, Any]) -> Intrinsics:

@@ -12,7 +12,6 @@ target probability of the pose bin it falls in.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -20,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..scene.backgrounds import boxes_from_alpha, composite, random_backgrounds
+from ..scene.backgrounds import BOX_OPACITY, boxes_from_alpha, composite, random_backgrounds
 from ..cameras import Intrinsics, PoseSpace, spherical_from_pose
 from ..seeds import class_seed
+from ..synthesis import DetectionCamera, draw_shifts
 from ..errors import InputError
 from .intrinsics import look_at_centre
 from ..io import atomic_dir, write_json, write_png
@@ -32,10 +32,6 @@ from ..transforms import load_views, read_transforms
 __all__ = ["render_target", "coco_categories"]
 
 log = logging.getLogger(__name__)
-
-#: alpha above which a pixel counts as object for the box
-BOX_ALPHA = 0.5
-
 
 def coco_categories(class_names: list[str]) -> list[dict]:
     """COCO categories of the classes in sorted name order (ids from 1), so that reordering the config's
@@ -110,6 +106,48 @@ def _shift_image(rgba: torch.Tensor, du: int, dv: int) -> torch.Tensor:
     return out
 
 
+def _class_renderers(classes: Mapping[str, Mapping[str, Any]], space: PoseSpace, probs: Mapping[str, torch.Tensor],
+                     size: int, supersample: int, device: str | torch.device) -> dict[str, Any]:
+    """class -> the hand renderer (procedural) or its views picked by target probability (folder)."""
+    renderers: dict[str, Any] = {}
+    for name in sorted(classes):
+        cfg = classes[name]
+        if cfg["source"] == "procedural":
+            renderers[name] = _procedural_renderer(cfg["gesture"], supersample, device)
+        else:
+            renderers[name] = _FolderViews(Path(cfg["path"]).expanduser(), space, probs, size)
+    return renderers
+
+
+def _write_images(out_dir: Path, names: list[str], labels: torch.Tensor, renderers: Mapping[str, Any], poses: torch.Tensor,
+                  shifts: torch.Tensor, backgrounds: torch.Tensor, intr: Intrinsics, gen: torch.Generator, desc: str,
+                  progress: bool) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """Render (or draw) image ``i`` of class ``names[labels[i]]`` shifted by ``shifts[i]`` over ``backgrounds[i]``
+    into ``out_dir/NNNNN.png``; returns the COCO ``images`` and ``annotations`` and the count per class."""
+    size = int(intr.w)
+    images, annotations = [], []
+    counts = {name: 0 for name in names}
+    for i in tqdm(range(len(labels)), desc=desc, unit="img", disable=not progress, mininterval=2.0):
+        name = names[int(labels[i])]
+        du, dv = int(shifts[i, 0]), int(shifts[i, 1])
+        source = renderers[name]
+        if isinstance(source, _FolderViews):
+            rgba = _shift_image(source.draw(gen), du, dv)
+        else:
+            rgba = source(poses[i], intr.shifted(du, dv))
+        box = boxes_from_alpha(rgba[None, ..., 3], BOX_OPACITY)[0]
+        if box[2] <= 0 or box[3] <= 0:
+            raise InputError(None, f"classes.{name}", f"target image {i}: the object is not visible at the sampled pose")
+        file_name = f"{i:05d}.png"
+        write_png(out_dir / file_name, composite(rgba, backgrounds[i]).numpy())
+        images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
+        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": int(labels[i]) + 1,
+                            "bbox": [float(v) for v in box], "area": float((rgba[..., 3] > BOX_OPACITY).sum()),
+                            "iscrowd": 0})
+        counts[name] += 1
+    return images, annotations, counts
+
+
 def render_target(
     classes: Mapping[str, Mapping[str, Any]],
     space: PoseSpace,
@@ -133,55 +171,19 @@ def render_target(
     n = int(target_cfg["images"][split])
     size = int(target_cfg["image_size"])
     supersample = int(target_cfg["supersample"])
-    intr = Intrinsics.from_fov(size, size, math.radians(float(target_cfg["fov_deg"])))
+    camera = DetectionCamera.from_target_config(target_cfg)
+    intr = camera.intrinsics
     gen = torch.Generator().manual_seed(class_seed(seed, "target", split))
     labels = torch.arange(n) % len(names)
     labels = labels[torch.randperm(n, generator=gen)]
     poses = space.sample(probs, n, gen).poses()
-    max_shift = float(target_cfg["max_shift"]) * size
-    shifts = ((torch.rand(n, 2, generator=gen) * 2 - 1) * max_shift).round()
+    shifts = draw_shifts(n, camera.max_shift, gen)
     backgrounds = random_backgrounds(n, size, gen)
 
-    renderers: dict[str, Any] = {}
-    for name in names:
-        cfg = classes[name]
-        if cfg["source"] == "procedural":
-            renderers[name] = _procedural_renderer(cfg["gesture"], supersample, device)
-        else:
-            renderers[name] = _FolderViews(Path(cfg["path"]).expanduser(), space, probs, size)
-
-    images, annotations = [], []
-    counts = {name: 0 for name in names}
+    renderers = _class_renderers(classes, space, probs, size, supersample, device)
     with atomic_dir(images_dir) as tmp:
-        for i in tqdm(range(n), desc=f"target/{split}", unit="img", disable=not progress, mininterval=2.0):
-            name = names[int(labels[i])]
-            du, dv = int(shifts[i, 0]), int(shifts[i, 1])
-            source = renderers[name]
-            if isinstance(source, _FolderViews):
-                rgba = _shift_image(source.draw(gen), du, dv)
-            else:
-                rgba = source(poses[i], intr.shifted(du, dv))
-            box = boxes_from_alpha(rgba[None, ..., 3], BOX_ALPHA)[0]
-            if box[2] <= 0 or box[3] <= 0:
-                raise InputError(
-                    None, f"classes.{name}", f"target image {i}: the object is not visible at the sampled pose"
-                )
-            rgb = composite(rgba, backgrounds[i])
-            file_name = f"{i:05d}.png"
-            write_png(tmp / file_name, rgb.numpy())
-            images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
-            x, y, w, h = (float(v) for v in box)
-            annotations.append(
-                {
-                    "id": i + 1,
-                    "image_id": i + 1,
-                    "category_id": int(labels[i]) + 1,
-                    "bbox": [x, y, w, h],
-                    "area": float((rgba[..., 3] > BOX_ALPHA).sum()),
-                    "iscrowd": 0,
-                }
-            )
-            counts[name] += 1
+        images, annotations, counts = _write_images(tmp, names, labels, renderers, poses, shifts, backgrounds, intr,
+                                                    gen, f"target/{split}", progress)
     coco = {
         "info": {"description": f"instsim target domain, split {split}", "seed": seed},
         "images": images,

@@ -25,14 +25,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 if __name__ == "__main__":  # run as a script: the checkout, tests/ and this folder, as pytest sets them up
     sys.path[:0] = [str(Path(__file__).resolve().parents[i]) for i in (2, 1, 0)]
 
-from conftest import BLENDERNERF_TINY
+from conftest import BLENDER_COCO_TINY, BLENDERNERF_TINY
+from instsim.detect import DetectorConfig, build_detector, make_shapes_dataset, save_detector, train_detector
+from instsim.io import save_torch, write_json, write_png
+from instsim.nerf.config import NerfConfig
+from instsim.nerf.train import train_nerf
+from instsim.neuralsim.config import NeuralSimConfig
+from instsim.neuralsim.resume import CHECKPOINT_FORMAT
+from instsim.stages.intrinsics import extract_intrinsics
+from instsim.stages.runner import run_stage
+from instsim.transforms import load_views
 from reliability_stage import FakeSnakemake, Named, close_stage_log, run_stage_script, stage_job
-from workflow_utils import run_snakemake, tiny_config
+from workflow_utils import byo_config, run_snakemake, tiny_config
 
 SPLITS = ("train", "val", "test")
 
@@ -150,9 +160,6 @@ def _missing_folder(tmp: Path) -> Outcome:
 
 
 def _intrinsics(tmp: Path) -> Path:
-    from instsim.stages.intrinsics import extract_intrinsics
-    from instsim.io import write_json
-
     path = tmp / "results" / "data" / "shapes" / "intrinsics.json"
     write_json(path, extract_intrinsics(BLENDERNERF_TINY / "transforms_train.json"))
     return path
@@ -160,11 +167,6 @@ def _intrinsics(tmp: Path) -> Path:
 
 def _one_step_nerf(path: Path, **settings) -> None:
     """A NeRF checkpoint of the fixture after one training step (finished: ``steps=1``)."""
-    from instsim.stages.intrinsics import extract_intrinsics
-    from instsim.nerf.config import NerfConfig
-    from instsim.nerf.train import train_nerf
-    from instsim.transforms import load_views
-
     cfg = NerfConfig.cpu(**{"steps": 1, "threads": 1, **settings})
     info = extract_intrinsics(BLENDERNERF_TINY / "transforms_train.json")
     train_nerf(load_views(BLENDERNERF_TINY / "transforms_train.json"), info, cfg, path, path.with_suffix(".tsv"),
@@ -236,10 +238,6 @@ _DETECTOR = dict(image_size=32, num_classes=2, width=4, head_width=4, dilations=
 
 def _coco_set(folder: Path) -> tuple[Path, Path]:
     """Two 32x32 RGB images and their COCO ground truth (one box each)."""
-    import numpy as np
-
-    from instsim.io import write_json, write_png
-
     images = folder / "images"
     for i in range(2):
         write_png(images / f"{i:05d}.png", np.full((32, 32, 3), 0.2 + 0.3 * i, np.float32))
@@ -254,8 +252,6 @@ def _coco_set(folder: Path) -> tuple[Path, Path]:
 
 def _evaluate_case(damage: Callable[[Path, Path, Path], None]) -> Callable[[Path], Outcome]:
     def run(tmp: Path) -> Outcome:
-        from instsim.detect import DetectorConfig, build_detector, save_detector
-
         results = tmp / "results"
         model = results / "detector" / "uniform" / "seed_0" / "model.pt"
         save_detector(build_detector(DetectorConfig(**_DETECTOR)), model)
@@ -289,8 +285,6 @@ def _foreign_detector(model: Path, annotations: Path, images: Path) -> None:
 
 def _library(tmp: Path, rule: str, body: Callable[[], None], outputs: list[Path]) -> Outcome:
     """Run ``body`` the way a stage script does (:func:`instsim.stages.runner.run_stage`): exit 1 on InstsimError."""
-    from instsim.stages.runner import run_stage
-
     sm = FakeSnakemake(rule=rule, log=Named(tmp / "logs" / f"{rule}.log"), output=Named(*outputs))
     code = 0
     try:
@@ -303,8 +297,6 @@ def _library(tmp: Path, rule: str, body: Callable[[], None], outputs: list[Path]
 
 
 def _detector_resume_other_config(tmp: Path) -> Outcome:
-    from instsim.detect import DetectorConfig, make_shapes_dataset, train_detector
-
     images, boxes, labels = make_shapes_dataset(8, image_size=32, min_size=6, max_size=14, seed=5)
     state = tmp / "detector" / "resume" / "state.pt"
     settings = {**_DETECTOR, "num_classes": 3}  # the shapes dataset has three classes
@@ -312,8 +304,6 @@ def _detector_resume_other_config(tmp: Path) -> Outcome:
     final = tmp / "detector" / "model.pt"
 
     def body() -> None:
-        from instsim.detect import save_detector
-
         model = train_detector(images, boxes, labels, DetectorConfig(**{**settings, "lr": 1e-3}),
                                checkpoint_path=state, progress=False)
         save_detector(model, final)
@@ -328,10 +318,6 @@ def _detector_resume_other_config(tmp: Path) -> Outcome:
 
 def _neuralsim_case(damage: Callable[[Path, Path], None]) -> Callable[[Path], Outcome]:
     def run(tmp: Path) -> Outcome:
-        import numpy as np
-
-        from instsim.io import write_json, write_png
-
         cfg = tiny_config()
         results = tmp / "results"
         ckpt = results / "nerf" / "shapes" / "checkpoint.pt"
@@ -369,20 +355,76 @@ def _no_probabilities(distribution: Path, resume: Path) -> None:
 
 
 def _resume_of_other_settings(distribution: Path, resume: Path) -> None:
-    from instsim.io import save_torch
-    from instsim.neuralsim.loop import CHECKPOINT_FORMAT, NeuralSimConfig
-
     # what a run with 5 iterations instead of tiny's 3 left behind (the loop checks the config first)
     other = NeuralSimConfig.from_dict({**tiny_config()["neuralsim"], "iterations": 5, "seed": 0})
     save_torch({"format": CHECKPOINT_FORMAT, "config": other.to_dict(), "iteration": 2}, resume)
 
 
 def _truncated_resume(distribution: Path, resume: Path) -> None:
-    from instsim.io import save_torch
-    from instsim.neuralsim.loop import CHECKPOINT_FORMAT
-
     save_torch({"format": CHECKPOINT_FORMAT, "rows": [0.0] * 1000}, resume)
     resume.write_bytes(resume.read_bytes()[:300])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# import_coco_target: a copy of the real fixture's COCO val split (made in Blender), damaged
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _coco_import_case(damage: Callable[[Path], None]) -> Callable[[Path], Outcome]:
+    """Copy the fixture's target/val (annotations.json, images/, distribution.json), ``damage`` the copy, import
+    it with the ``import_coco_target`` stage as the byo config would."""
+
+    def run(tmp: Path) -> Outcome:
+        src = tmp / "coco_val"
+        shutil.copytree(BLENDER_COCO_TINY / "target" / "val", src)
+        damage(src)
+        cfg = byo_config(val=str(src), distribution_file=str(src / "distribution.json"))
+        out = tmp / "results" / "target" / "val"
+        sm = stage_job(
+            "import_coco_target", tmp / "results",
+            input={"annotations": src / "annotations.json", "distribution": src / "distribution.json"},
+            output={"images": out / "images", "annotations": out / "annotations.json",
+                    "distribution": out / "distribution.json"},
+            params={"classes": list(cfg["classes"]), "pose_space": cfg["pose_space"], "target": cfg["target"]},
+            wildcards={"tsplit": "val"},
+        )
+        return _run_job("import_coco_target", sm)
+
+    return run
+
+
+def _coco_edit(edit: Callable[[dict], None], name: str = "annotations.json") -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        path = folder / name
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+
+    return damage
+
+
+def _append(path: tuple, value: Callable[[dict], object]) -> Callable[[dict], None]:
+    """Append ``value(data)`` to the list at ``path`` (a copy of an entry, say)."""
+
+    def edit(data: dict) -> None:
+        obj = data
+        for key in path:
+            obj = obj[key]
+        obj.append(value(data))
+
+    return edit
+
+
+def _coco_snakemake(change: Callable[[dict], None]) -> Callable[[Path], Outcome]:
+    """A dry run of the byo config (the fixture's COCO target) with one change."""
+
+    def run(tmp: Path) -> Outcome:
+        cfg = byo_config()
+        change(cfg)
+        proc = run_snakemake(tmp, cfg, "-n", timeout=120)
+        return Outcome(proc.returncode, proc.stdout + proc.stderr, [tmp / "results"])
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -490,6 +532,54 @@ CASES: list[Case] = [
          "optimize_distribution", "stage", ("resume/state.pt", "iterations: 5 vs 3"), _neuralsim_case(_resume_of_other_settings)),
     Case("neuralsim-resume-truncated", "a truncated Neural-Sim resume state", "optimize_distribution", "stage",
          ("resume/state.pt", "truncated or corrupt"), _neuralsim_case(_truncated_resume)),
+    # -- the user's COCO target (import_coco_target on a copy of the fixture's val split)
+    Case("coco-image-missing", "a COCO image entry whose file is not there", "import_coco_target", "stage",
+         ("annotations.json", "images[2].file_name", "image id 3", "00002.png", "does not exist"),
+         _coco_import_case(lambda f: (f / "images" / "00002.png").unlink())),
+    Case("coco-image-unreadable", "a COCO image replaced by text", "import_coco_target", "stage",
+         ("annotations.json", "images[4].file_name", "image id 5", "cannot be decoded"),
+         _coco_import_case(lambda f: (f / "images" / "00004.png").write_bytes(b"not a png\n"))),
+    Case("coco-bbox-outside", "a box reaching past the right border of its 64 px image", "import_coco_target", "stage",
+         ("annotations.json", "annotations[1].bbox", "annotation id 2 (image id 2)", "outside"),
+         _coco_import_case(_coco_edit(_set(("annotations", 1, "bbox"), [40, 10, 30, 20])))),
+    Case("coco-bbox-zero-size", "a box of zero height", "import_coco_target", "stage",
+         ("annotations.json", "annotations[3].bbox", "annotation id 4", "> 0"),
+         _coco_import_case(_coco_edit(_set(("annotations", 3, "bbox"), [10, 10, 12, 0])))),
+    Case("coco-category-unknown", "an annotation of category id 99, which no category has", "import_coco_target",
+         "stage", ("annotations.json", "annotations[5].category_id", "annotation id 6", "99"),
+         _coco_import_case(_coco_edit(_set(("annotations", 5, "category_id"), 99)))),
+    Case("coco-image-id-duplicate", "two images with id 1", "import_coco_target", "stage",
+         ("annotations.json", "images[1].id", "duplicate image id 1"),
+         _coco_import_case(_coco_edit(_set(("images", 1, "id"), 1)))),
+    Case("coco-annotation-id-duplicate", "two annotations with id 3", "import_coco_target", "stage",
+         ("annotations.json", "annotations[3].id", "duplicate annotation id 3"),
+         _coco_import_case(_coco_edit(_set(("annotations", 3, "id"), 3)))),
+    Case("coco-category-id-duplicate", "two categories with id 1", "import_coco_target", "stage",
+         ("annotations.json", "categories[1].id", "duplicate category id 1"),
+         _coco_import_case(_coco_edit(_set(("categories", 1, "id"), 1)))),
+    Case("coco-no-images", "a COCO json whose image list is empty", "import_coco_target", "stage",
+         ("annotations.json", "'images'", "empty"),
+         _coco_import_case(_coco_edit(lambda c: c.update(images=[], annotations=[])))),
+    Case("coco-split-empty", "a split whose images carry no annotation at all", "import_coco_target", "stage",
+         ("annotations.json", "'annotations'", "empty"), _coco_import_case(_coco_edit(lambda c: c.update(annotations=[])))),
+    Case("coco-size-mismatch", "an image entry whose width says 128, the file is 64 px wide", "import_coco_target",
+         "stage", ("annotations.json", "images[0].width", "image id 1", "64x64"),
+         _coco_import_case(_coco_edit(_set(("images", 0, "width"), 128)))),
+    Case("coco-category-unmatched", "a category renamed `sofa`, which is no configured class (stage run directly)",
+         "import_coco_target", "stage", ("annotations.json", "'categories'", "['chair', 'sofa']", "['chair', 'lamp']"),
+         _coco_import_case(_coco_edit(_set(("categories", 1, "name"), "sofa")))),
+    Case("coco-distribution-other-bins", "the given distribution.json has 4 zoom bins, the config's pose_space 3",
+         "import_coco_target", "stage", ("distribution.json", "pose_space.zoom", "4 bins"),
+         _coco_import_case(_coco_edit(lambda d: d["pose_space"]["zoom"].update(bins=4), "distribution.json"))),
+    Case("config-coco-oracle-unknown", "a COCO target, strategy oracle, no target.distribution_file",
+         "config (snakemake)", "snakemake", ("test_config.yaml", "strategies", "'oracle'", "target.distribution_file"),
+         _coco_snakemake(lambda c: c["target"].pop("distribution_file"))),
+    Case("config-coco-classes-unmatched", "the config's classes are lamp and sofa, the COCO categories chair and lamp",
+         "config (snakemake)", "snakemake", ("test_config.yaml", "target.val", "['chair', 'lamp']", "['lamp', 'sofa']"),
+         _coco_snakemake(lambda c: c["classes"].update(sofa=c["classes"].pop("chair")))),
+    Case("config-coco-test-is-val", "target.test names the same COCO set as target.val", "config (snakemake)",
+         "snakemake", ("test_config.yaml", "target.test", "held out"),
+         _coco_snakemake(lambda c: c["target"].update(test=c["target"]["val"]))),
     # -- the config (Snakemake validates it before planning any job)
     Case("config-wrong-type", "`dataset.radius: far` (a string)", "config (snakemake)", "snakemake",
          ("test_config.yaml", "dataset.radius", "'far' is not of type 'number'"),

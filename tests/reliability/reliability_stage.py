@@ -8,6 +8,7 @@ under a second, and a test sees its exit status, its log and the files it left b
 
 from __future__ import annotations
 
+import logging
 import runpy
 import sys
 from dataclasses import dataclass, field
@@ -83,8 +84,6 @@ class StageResult:
 
 def close_stage_log() -> None:
     """run_stage points instsim's logger at the job's log file; close it so the next stage starts clean."""
-    import logging
-
     logger = logging.getLogger("instsim")
     for h in list(logger.handlers):
         h.close()

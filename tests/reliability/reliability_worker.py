@@ -27,7 +27,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent), str(HERE)]
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from instsim.detect import DetectorConfig, make_shapes_dataset, save_detector, train_detector  # noqa: E402
+from instsim.io import save_torch, write_json, write_png  # noqa: E402
+from instsim.neuralsim.config import NeuralSimConfig  # noqa: E402
+from instsim.neuralsim.loop import optimize_distribution  # noqa: E402
+from reliability_cases import train_nerf_job  # noqa: E402
+from reliability_stage import run_stage_script  # noqa: E402
+from test_neuralsim_loop import disk_bilevel, make_disk_problem  # noqa: E402
 
 torch.set_num_threads(1)  # two shared cores; one thread also keeps the runs bit-for-bit comparable
 
@@ -38,26 +46,20 @@ DETECTOR = dict(image_size=32, num_classes=3, width=4, head_width=4, dilations=(
                 warmup_steps=5, checkpoint_every=10, seed=3)
 #: Neural-Sim: 8 iterations, a checkpoint every 2
 NEURALSIM = {"iterations": 8, "images_per_class": 8, "inner_steps": 2, "inner_lr": 1e-3, "learned": ["elevation"],
-             "pretrain_steps": 0, "psi_lr": 0.1, "eval_every": 4, "checkpoint_every": 2, "seed": 0}
+             "pretrain_steps": 0, "psi_lr": 0.1, "eval_every": 4, "checkpoint_every": 2, "seed": 0,
+             "temperature": 0.5, "relaxation": "soft", "reset_detector": False}
 PACE_S = 0.02
 
 
 def shapes_data():
-    from instsim.detect import make_shapes_dataset
-
     return make_shapes_dataset(64, image_size=32, min_size=6, max_size=14, seed=7)
 
 
 def run_nerf(workdir: Path) -> int:
-    from reliability_cases import train_nerf_job
-    from reliability_stage import run_stage_script
-
     return run_stage_script("train_nerf", train_nerf_job(workdir, **NERF)).exit_code
 
 
 def run_detector(workdir: Path) -> int:
-    from instsim.detect import DetectorConfig, save_detector, train_detector
-
     images, boxes, labels = shapes_data()
     history: list = []
 
@@ -72,31 +74,19 @@ def run_detector(workdir: Path) -> int:
 
 
 def run_neuralsim(workdir: Path, checkpoint: bool = True):
-    from instsim.io import save_torch
-    from instsim.neuralsim.loop import NeuralSimConfig, optimize_distribution
-    from test_neuralsim_loop import DETECTOR as DISK_DETECTOR
-    from test_neuralsim_loop import SPACE, TARGET, TARGET_CFG, disk_renderer, make_disk_problem
-
-    models, centres, val = make_disk_problem()
-
     def say(msg: str) -> None:
         print(msg, flush=True)
         time.sleep(PACE_S)
 
     dist, _, rows = optimize_distribution(
-        models, centres, SPACE, val, TARGET, NeuralSimConfig.from_dict(NEURALSIM), DISK_DETECTOR, TARGET_CFG,
-        checkpoint_path=workdir / "state.pt" if checkpoint else None, progress=False, renderer=disk_renderer,
-        log_fn=say,
+        disk_bilevel(make_disk_problem()), NeuralSimConfig.from_dict(NEURALSIM),
+        checkpoint_path=workdir / "state.pt" if checkpoint else None, progress=False, log_fn=say,
     )
     save_torch({"psi": dist.state_dict(), "rows": rows}, workdir / "psi.pt")
     return 0
 
 
 def run_atomic(workdir: Path, writer: str) -> int:
-    import numpy as np
-
-    from instsim.io import save_torch, write_json, write_png
-
     write = {
         "json": lambda value: write_json(workdir / "out.json", {"value": value}),
         "png": lambda value: write_png(workdir / "out.png", np.full((8, 8, 3), value / 10, np.float32)),

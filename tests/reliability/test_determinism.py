@@ -7,10 +7,14 @@ too: the kill-and-resume tests in ``test_faults.py`` require bit-identical weigh
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+import reliability_worker as worker
+from instsim.detect import DetectorConfig, make_coco_gt, make_shapes_dataset, save_detector, train_detector
+from instsim.io import write_json, write_png
 from reliability_stage import run_stage_script, stage_job
 from workflow_utils import tiny_config
 
@@ -81,13 +85,6 @@ def _evaluate(results: Path, model: Path, annotations: Path, images: Path) -> No
 
 
 def test_determinism_evaluation(tmp_path):
-    import json
-
-    from instsim.detect import DetectorConfig, make_coco_gt, make_shapes_dataset, save_detector, train_detector
-    from instsim.io import write_json, write_png
-
-    import reliability_worker as worker
-
     images, boxes, labels = worker.shapes_data()
     model = train_detector(images, boxes, labels, DetectorConfig(**{**worker.DETECTOR, "steps": 60}), progress=False)
     save_detector(model, tmp_path / "model.pt")

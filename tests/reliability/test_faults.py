@@ -15,12 +15,28 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import imageio.v3 as iio
 import pytest
 import torch
 
+import instsim.detect.train as det_train
+import instsim.nerf.train as train_mod
 import reliability_worker as worker
+from conftest import BLENDERNERF_TINY
+from instsim.detect import DetectorConfig, DetectorTrainingError, load_detector, train_detector
+from instsim.errors import InstsimError
+from instsim.nerf.checkpoint import load_checkpoint
+from instsim.nerf.config import NerfConfig
+from instsim.nerf.train import train_nerf
+from instsim.nerf.validate import validate_checkpoint
+from instsim.neuralsim.config import NeuralSimConfig
+from instsim.neuralsim.loop import optimize_distribution
+from instsim.neuralsim.step import NeuralSimError
+from instsim.stages.intrinsics import extract_intrinsics
+from instsim.transforms import load_views
 from reliability_cases import train_nerf_job
 from reliability_stage import FakeSnakemake, run_stage_script
+from test_neuralsim_loop import disk_bilevel, disk_renderer, make_disk_problem
 from workflow_utils import repo_env
 
 WORKER = Path(worker.__file__)
@@ -84,11 +100,6 @@ def _tsv_last_step(path: Path) -> int:
 
 
 def _psnr_on_test_views(checkpoint: Path) -> float:
-    from conftest import BLENDERNERF_TINY
-    from instsim.nerf.checkpoint import load_checkpoint
-    from instsim.nerf.validate import validate_checkpoint
-    from instsim.transforms import load_views
-
     model, _ = load_checkpoint(checkpoint)
     views = load_views(BLENDERNERF_TINY / "transforms_test.json")
     return validate_checkpoint(model, views, background="white", min_psnr=0.0)["psnr"]
@@ -125,8 +136,6 @@ def test_fault_nerf_sigkill_resume(tmp_path):
 
 
 def test_fault_detector_sigkill_resume(tmp_path):
-    from instsim.detect import DetectorConfig, load_detector, train_detector
-
     every = worker.DETECTOR["checkpoint_every"]
     proc, out = _start("detector", tmp_path)
     printed = lambda: _last_number(out.read_text().splitlines(), "step ")  # noqa: E731
@@ -170,8 +179,6 @@ def test_fault_neuralsim_sigkill_resume(tmp_path):
 
 
 def test_fault_nerf_nan_loss(tmp_path, monkeypatch):
-    import instsim.nerf.train as train_mod
-
     real, calls = train_mod.render_rays, {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -194,15 +201,6 @@ def test_fault_nerf_nan_loss(tmp_path, monkeypatch):
 def test_fault_nerf_inf_gradient(tmp_path, monkeypatch):
     """A finite loss with an infinite gradient: Adam turns the weights to NaN one step before the loss shows it.
     The checkpoint due at that step must not be written over the last good one."""
-    from conftest import BLENDERNERF_TINY
-    from instsim.errors import InstsimError
-    from instsim.stages.intrinsics import extract_intrinsics
-    from instsim.nerf.config import NerfConfig
-    from instsim.nerf.train import train_nerf
-    from instsim.transforms import load_views
-
-    import instsim.nerf.train as train_mod
-
     real, calls = train_mod.render_rays, {"n": 0}
 
     def inf_backward(*args, **kwargs):
@@ -225,10 +223,6 @@ def test_fault_nerf_inf_gradient(tmp_path, monkeypatch):
 
 
 def test_fault_detector_inf_loss(tmp_path, monkeypatch):
-    from instsim.detect import DetectorConfig, DetectorTrainingError, train_detector
-
-    import instsim.detect.train as det_train
-
     real, calls = det_train.compute_loss, {"n": 0}
 
     def inf_at_step_7(*args, **kwargs):
@@ -246,9 +240,6 @@ def test_fault_detector_inf_loss(tmp_path, monkeypatch):
 
 
 def test_fault_neuralsim_inf_render(tmp_path):
-    from instsim.neuralsim.loop import NeuralSimConfig, NeuralSimError, optimize_distribution
-    from test_neuralsim_loop import DETECTOR, SPACE, TARGET, TARGET_CFG, disk_renderer, make_disk_problem
-
     calls = {"plain": 0}
 
     def inf_images(model, c2w, intr, shifts, requires_grad):
@@ -259,11 +250,10 @@ def test_fault_neuralsim_inf_render(tmp_path):
                 out = out * float("inf")
         return out
 
-    models, centres, val = make_disk_problem()
     cfg = NeuralSimConfig.from_dict({**worker.NEURALSIM, "iterations": 4})
     with pytest.raises(NeuralSimError, match=r"diverged.*iteration 2\) is kept"):
-        optimize_distribution(models, centres, SPACE, val, TARGET, cfg, DETECTOR, TARGET_CFG, progress=False,
-                              renderer=inf_images, checkpoint_path=tmp_path / "state.pt", log_fn=lambda m: None)
+        optimize_distribution(disk_bilevel(make_disk_problem(), renderer=inf_images), cfg, progress=False,
+                              checkpoint_path=tmp_path / "state.pt", log_fn=lambda m: None)
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert state["iteration"] == 2
     assert all(math.isfinite(float(v)) for t in state["psi"].values() for v in t.flatten())
@@ -282,8 +272,6 @@ def test_fault_write_killed_before_rename(tmp_path, writer, name):
     if writer == "json":
         assert path.read_text() == '{\n  "value": 1\n}\n'
     elif writer == "png":
-        import imageio.v3 as iio
-
         assert int(iio.imread(path)[0, 0, 0]) == round(0.1 * 255)
     else:
         assert torch.equal(torch.load(path, weights_only=True)["value"], torch.full((1000,), 1.0))

@@ -5,6 +5,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from instsim.stages.config import NERF_WORKFLOW_KEYS, check_config, gpu_jobs
+from instsim.stages.coco_target import coco_source, target_source
 from instsim.errors import InstsimError
 
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
@@ -45,10 +46,21 @@ SPLITS = ["train", "val", "test"]
 TARGET_SPLITS = ["val", "test"]
 STRATEGIES = list(config["strategies"])
 SEEDS = [str(s) for s in config["seeds"]]
+TARGET_SOURCE = target_source(config)
+# the target's pose distribution is known for a rendered target, and for a COCO one when the config gives it
+TARGET_DISTRIBUTION_KNOWN = TARGET_SOURCE == "rendered" or "distribution_file" in config["target"]
 
 
 # GPU stages ask for one GPU when the run uses CUDA, so the `gpu` resource keeps them from sharing one.
 GPU_JOBS = gpu_jobs(config["device"])
+
+
+# torch CPU threads a training stage may use (instsim.threads keeps it at the cores nobody else is using). On a CPU
+# run 1: a second thread made a default-size NeRF step 5 % and a detector step 30 % faster on an idle 2-core
+# machine (benchmarks/results/cpu_contention.json), so two one-thread jobs side by side get more done than one
+# job with two. On a GPU run the threads build the detector's batches ahead of the GPU (instsim/detect/train.py).
+STAGE_THREADS = 2 if GPU_JOBS else 1
+DETECTOR_THREADS = 4 if GPU_JOBS else 1
 
 
 def gpu_resources():
@@ -74,7 +86,7 @@ def detector_inputs(wildcards):
         "validations": expand(res("nerf/{cls}/validation.json"), cls=CLASSES),
         "intrinsics": expand(res("data/{cls}/intrinsics.json"), cls=CLASSES),
     }
-    if wildcards.strategy == "oracle":
+    if wildcards.strategy == "oracle":  # check_config allows oracle only where the distribution is known
         inputs["distribution"] = res("target/val/distribution.json")
     elif wildcards.strategy == "neuralsim":
         inputs["distribution"] = res("neuralsim/distribution.json")
@@ -82,15 +94,35 @@ def detector_inputs(wildcards):
 
 
 def neuralsim_inputs(wildcards):
-    """Every class's validated NeRF and camera facts, and the target's val split (images, COCO, distribution)."""
-    return {
+    """Every class's validated NeRF and camera facts, and the target's val split (images, COCO and, where it is
+    known, the pose distribution: only the TV-to-target columns read it)."""
+    inputs = {
         "checkpoints": expand(res("nerf/{cls}/checkpoint.pt"), cls=CLASSES),
         "validations": expand(res("nerf/{cls}/validation.json"), cls=CLASSES),
         "intrinsics": expand(res("data/{cls}/intrinsics.json"), cls=CLASSES),
         "annotations": res("target/val/annotations.json"),
         "images": res("target/val/images"),
-        "distribution": res("target/val/distribution.json"),
     }
+    if TARGET_DISTRIBUTION_KNOWN:
+        inputs["distribution"] = res("target/val/distribution.json")
+    return inputs
+
+
+def target_outputs():
+    """A target split's files: images and COCO annotations, and its pose distribution where that is known."""
+    out = {"images": directory(res("target/{tsplit}/images")), "annotations": res("target/{tsplit}/annotations.json")}
+    if TARGET_DISTRIBUTION_KNOWN:
+        out["distribution"] = res("target/{tsplit}/distribution.json")
+    return out
+
+
+def coco_target_inputs(wildcards):
+    """The user's COCO annotations file of the split (and the given distribution file), so edits rerun the import."""
+    target = config["target"]
+    inputs = {"annotations": str(coco_source(target[wildcards.tsplit], f"target.{wildcards.tsplit}").annotations)}
+    if "distribution_file" in target:
+        inputs["distribution"] = target["distribution_file"]
+    return inputs
 
 
 def neuralsim_params(update_psi, name):
@@ -114,11 +146,29 @@ def res(path):
 
 
 def class_source_files(wildcards):
-    """The folder dataset's train json for folder classes (so edits to it rerun the import); none otherwise."""
+    """The folder dataset's train json for folder classes, the .blend file of blender classes (so edits to them
+    rerun the import or the render); none otherwise."""
     cls = config["classes"][wildcards.cls]
     if cls["source"] == "folder":
         return [f"{cls['path']}/transforms_train.json"]
+    if cls["source"] == "blender":
+        return [cls["blend"]]
     return []
+
+
+def rendered_target_classes():
+    """The classes as render_target sees them: a blender class has no renderer for new poses, so like a folder
+    class it gives the target its own rendered views, those of its dataset under data/{cls}."""
+    return {
+        name: {"source": "folder", "path": res(f"data/{name}")} if cls["source"] == "blender" else cls
+        for name, cls in config["classes"].items()
+    }
+
+
+def render_target_inputs(wildcards):
+    """The datasets render_target draws views from for blender classes (rendered by generate_dataset)."""
+    blender = [name for name, cls in config["classes"].items() if cls["source"] == "blender"]
+    return {"datasets": expand(res("data/{cls}/transforms_test.json"), cls=blender)}
 
 
 # Neural-Sim's report plots (its distribution.json is an input of the neuralsim strategy's detectors)

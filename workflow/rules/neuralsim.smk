@@ -20,7 +20,7 @@ rule optimize_distribution:
         res("logs/optimize_distribution/neuralsim.log"),
     benchmark:
         res("benchmarks/optimize_distribution/neuralsim.tsv")
-    threads: 2
+    threads: STAGE_THREADS
     resources:
         **gpu_resources(),
         mem_mb=lambda wc, attempt: 4000 * attempt,
@@ -43,7 +43,7 @@ rule optimize_distribution_control:
         res("logs/optimize_distribution/neuralsim_control.log"),
     benchmark:
         res("benchmarks/optimize_distribution/neuralsim_control.tsv")
-    threads: 2
+    threads: STAGE_THREADS
     resources:
         **gpu_resources(),
         mem_mb=lambda wc, attempt: 4000 * attempt,

@@ -1,23 +1,47 @@
-# The detection target domain: images at the target pose distribution, COCO annotations.
+# The detection target domain, per split (val steers Neural-Sim, test is held out): COCO annotations and images.
+# target.source picks the rule: render_target (rendered, the default) or import_coco_target (the user's COCO sets).
 
 
-rule render_target:
-    output:
-        images=directory(res("target/{tsplit}/images")),
-        annotations=res("target/{tsplit}/annotations.json"),
-        distribution=res("target/{tsplit}/distribution.json"),
-    log:
-        res("logs/render_target/{tsplit}.log"),
-    benchmark:
-        res("benchmarks/render_target/{tsplit}.tsv")
-    resources:
-        mem_mb=lambda wc, attempt: 2000 * attempt,
-        runtime=lambda wc, attempt: 30 * attempt,
-    params:
-        classes=config["classes"],
-        pose_space=config["pose_space"],
-        target=config["target"],
-        seed=config["seed"],
-        device=config["device"],
-    script:
-        "../scripts/render_target.py"
+if TARGET_SOURCE == "coco":
+
+    rule import_coco_target:
+        input:
+            unpack(coco_target_inputs),
+        output:
+            **target_outputs(),
+        log:
+            res("logs/import_coco_target/{tsplit}.log"),
+        benchmark:
+            res("benchmarks/import_coco_target/{tsplit}.tsv")
+        resources:
+            mem_mb=lambda wc, attempt: 2000 * attempt,
+            runtime=lambda wc, attempt: 30 * attempt,
+        params:
+            classes=CLASSES,
+            pose_space=config["pose_space"],
+            target=config["target"],
+        script:
+            "../scripts/import_coco_target.py"
+
+else:
+
+    rule render_target:
+        input:
+            unpack(render_target_inputs),
+        output:
+            **target_outputs(),
+        log:
+            res("logs/render_target/{tsplit}.log"),
+        benchmark:
+            res("benchmarks/render_target/{tsplit}.tsv")
+        resources:
+            mem_mb=lambda wc, attempt: 2000 * attempt,
+            runtime=lambda wc, attempt: 30 * attempt,
+        params:
+            classes=rendered_target_classes(),
+            pose_space=config["pose_space"],
+            target=config["target"],
+            seed=config["seed"],
+            device=config["device"],
+        script:
+            "../scripts/render_target.py"

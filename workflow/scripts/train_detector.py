@@ -11,9 +11,10 @@ from instsim.stages.config import resolve_device
 from instsim.detect import save_detector, train_detector
 from instsim.io import atomic_path, to_uint8, write_png
 from instsim.stages.report import draw_boxes, image_grid
+from instsim.seeds import derive_seed
 from instsim.stages.runner import run_stage
 from instsim.stages.strategies import detector_config, load_class_nerfs, strategy_probs
-from instsim.synthesis import make_synthetic_set
+from instsim.synthesis import DetectionCamera, make_synthetic_set
 
 log = logging.getLogger("instsim")
 
@@ -29,7 +30,8 @@ def main(sm):
     det = sm.params.detector
     # the same seed gives every strategy the same backgrounds, shifts and jitter streams
     synth = make_synthetic_set(
-        models, centres, probs, space, sm.params.target, det["images_per_class"], seed=sm.params.run_seed * 1000 + seed
+        models, centres, probs, space, DetectionCamera.from_target_config(sm.params.target), det["images_per_class"],
+        seed=derive_seed(sm.params.run_seed, seed),
     )
     log.info("%s: rendered %d training images (%s)", sm.wildcards.strategy, len(synth.images), synth.class_names)
     cfg = detector_config(det["settings"], sm.params.target["image_size"], len(classes), seed)
@@ -39,7 +41,7 @@ def main(sm):
     history = []
     resume = Path(sm.params.resume)
     model = train_detector(
-        images, boxes, labels, cfg, log=log.info, checkpoint_path=resume, history=history, num_threads=sm.threads,
+        images, boxes, labels, cfg, log=log.info, checkpoint_path=resume, history=history,
         device=device,
     )
     save_detector(model, sm.output.model)
