@@ -1,11 +1,11 @@
-"""The GPU detector loop builds its batches ahead in threads (instsim.detect.train._BatchPrefetcher): the batches
+"""The GPU detector loop builds its batches ahead in threads (instsim.detect.batches.BatchPrefetcher): the batches
 must be exactly those of the one-thread loop, in step order, and a failing batch must surface in the loop."""
 
 import pytest
 import torch
 
 from instsim.detect.config import DetectorConfig
-from instsim.detect.train import _BatchPrefetcher, _batch, _batch_indices
+from instsim.detect.batches import BatchPrefetcher, batch_indices, make_batch
 
 
 def _data(n=40, size=32):
@@ -19,11 +19,11 @@ def _data(n=40, size=32):
 
 def test_prefetched_batches_are_the_sequential_ones():
     images, boxes, labels, cfg = _data()
-    make = lambda idx, step: _batch(images, boxes, labels, idx, cfg, step, True, torch.float32)  # noqa: E731
+    make = lambda idx, step: make_batch(images, boxes, labels, idx, cfg, step, True, torch.float32)  # noqa: E731
     seq_cache, pre_cache = {}, {}
-    expected = [make(_batch_indices(cfg.seed, s, len(images), cfg.batch_size, seq_cache), s) for s in range(3, 17)]
+    expected = [make(batch_indices(cfg.seed, s, len(images), cfg.batch_size, seq_cache), s) for s in range(3, 17)]
     threads = torch.get_num_threads()
-    pre = _BatchPrefetcher(make, lambda s: _batch_indices(cfg.seed, s, len(images), cfg.batch_size, pre_cache),
+    pre = BatchPrefetcher(make, lambda s: batch_indices(cfg.seed, s, len(images), cfg.batch_size, pre_cache),
                            3, 17, workers=3, pin=False)
     assert torch.get_num_threads() == threads  # the workers' one-thread setting does not leak into the loop
     try:
@@ -42,7 +42,7 @@ def test_a_failing_batch_is_raised_in_the_loop():
             raise ValueError("bad batch 2")
         return torch.zeros(1), torch.zeros(1)
 
-    pre = _BatchPrefetcher(make, lambda s: s, 0, 5, workers=2, pin=False)
+    pre = BatchPrefetcher(make, lambda s: s, 0, 5, workers=2, pin=False)
     try:
         pre.get(), pre.get()
         with pytest.raises(ValueError, match="bad batch 2"):

@@ -166,9 +166,13 @@ def rendered_target_classes():
 
 
 def render_target_inputs(wildcards):
-    """The datasets render_target draws views from for blender classes (rendered by generate_dataset)."""
+    """The datasets render_target draws views from for blender classes (rendered by generate_dataset), and every
+    class's camera facts (its mean training-camera distance is the world units of one unit of zoom)."""
     blender = [name for name, cls in config["classes"].items() if cls["source"] == "blender"]
-    return {"datasets": expand(res("data/{cls}/transforms_test.json"), cls=blender)}
+    return {
+        "datasets": expand(res("data/{cls}/transforms_test.json"), cls=blender),
+        "intrinsics": expand(res("data/{cls}/intrinsics.json"), cls=CLASSES),
+    }
 
 
 # Neural-Sim's report plots (its distribution.json is an input of the neuralsim strategy's detectors)

@@ -56,8 +56,10 @@ rule optimize_distribution_control:
 
 rule neuralsim_control_comparison:
     input:
+        **({"target": res("target/val/distribution.json")} if TARGET_DISTRIBUTION_KNOWN else {}),
         learned=res("neuralsim/trajectory.tsv"),
         control=res("neuralsim_control/trajectory.tsv"),
+        # the per-factor TV panels, where the target's pose distribution is known
     output:
         report(
             res("neuralsim/control_comparison.png"),
