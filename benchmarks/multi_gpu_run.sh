@@ -15,6 +15,11 @@
 # running jobs, and the same command is started again, as a user resumes (README "Rerunning"), so the killed job
 # reruns and claims a GPU again. Set KILL_RULE=none to skip it. The one-GPU run has no kill.
 #
+# A rehearsal without GPUs (the claiming, the kill and the checks, on the CPU): a fake nvidia-smi on PATH that lists
+# two GPUs, CONFIG=configs/tiny.yaml, and EXTRA="--set-resources train_nerf:gpu=1 train_detector:gpu=1 ..." so that
+# CPU stages claim the fake GPUs; NO_KERNELS=1 skips the kernel build. A fake nvidia-smi: a script that prints
+# "GPU 0: Fake GPU (UUID: GPU-0)" and "GPU 1: ..." for `-L` (as tests/test_gpus.py writes one).
+#
 # Both runs load the CUDA kernels from one cache built beforehand, so neither pays for the build. Python
 # packages the machine lacks (snakemake, pycocotools, ...) are installed from .whl/*.whl when that folder exists
 # (see /work/.library/device/README.md).
@@ -25,6 +30,8 @@ parts="${PARTS:-all one}"
 limit="${LIMIT_S:-540}"
 kill_rule="${KILL_RULE:-train_detector}"
 kill_after="${KILL_AFTER_S:-5}"
+config="${CONFIG:-configs/gpu.yaml}"
+read -r -a extra <<< "${EXTRA:-}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export INSTSIM_GPU_LOCK_DIR="${INSTSIM_GPU_LOCK_DIR:-/tmp/instsim-gpu-locks-multi}"
@@ -36,9 +43,13 @@ command -v snakemake > /dev/null || { echo "snakemake is not installed here" >&2
 unset CUDA_VISIBLE_DEVICES
 nvidia-smi -L | tee "$out/gpus.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'GPUs', torch.cuda.device_count())"
-t=$(date +%s); python3 -c "from instsim.backend import load_kernels; load_kernels(0)"; build_s=$(( $(date +%s) - t ))
-echo "kernels ready in ${build_s} s"
-cmd=(snakemake --cores all --configfile configs/gpu.yaml --replace-workflow-config)   # the README's command
+build_s=0
+if [ -z "${NO_KERNELS:-}" ]; then
+    t=$(date +%s); python3 -c "from instsim.backend import load_kernels; load_kernels(0)"; build_s=$(( $(date +%s) - t ))
+    echo "kernels ready in ${build_s} s"
+fi
+results=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['results_dir'].rstrip('/'))" "$config")
+cmd=(snakemake --cores all --configfile "$config" --replace-workflow-config "${extra[@]}")   # the README's command
 
 # Kills the first job of $kill_rule once it has held its GPU for $kill_after s; records the kill and whether the
 # killed job's lock slot was free right after it.
@@ -46,32 +57,38 @@ killer() {
     local kills="$1" log="" pid="" slot=""
     while [ -z "$log" ]; do
         sleep 0.5
-        log=$(grep -l "claimed GPU" results_gpu/logs/"$kill_rule"/*.log results_gpu/logs/"$kill_rule"/*/*.log 2>/dev/null | head -1)
+        log=$(grep -l "claimed GPU" "$results"/logs/"$kill_rule"/*.log "$results"/logs/"$kill_rule"/*/*.log 2>/dev/null | head -1)
     done
     sleep "$kill_after"
     slot=$(grep -o "claimed GPU [^ ]* of [0-9]* (slot [0-9]*" "$log" | head -1)
     gpu=$(echo "$slot" | awk '{print $3}'); s=$(echo "$slot" | awk '{print $7}')
     pid=$(head -1 "$INSTSIM_GPU_LOCK_DIR/gpu${gpu}.slot${s}.lock")
-    kill -9 "$pid" && t_kill=$(python3 -c "import time; print(time.time())")
+    # the time just before the signal: the kernel frees the lock when the process dies, after it, so a job that
+    # takes the slot next always claims after this time
+    t_kill=$(date +%s.%N); kill -9 "$pid"
+    # the rerun after the resume writes a new log at the same path: keep the killed job's own
+    mkdir -p "$results/logs/killed" && cp "$log" "$results/logs/killed/${kill_rule}_$(basename "$log")"
+    log="$results/logs/killed/${kill_rule}_$(basename "$log")"
     sleep 0.2
-    python3 - "$kills" "$log" "$t_kill" "$gpu" "$s" "$pid" <<'EOF'
+    python3 - "$kills" "$log" "$t_kill" "$gpu" "$s" "$pid" "$results" <<'EOF'
 import json, sys
 from pathlib import Path
 from instsim import gpus
-kills, log, t, gpu, slot, killed = sys.argv[1:]
+kills, log, t, gpu, slot, killed, results = sys.argv[1:]
 path = gpus._slot_file(Path(gpus.lock_dir()), gpu, int(slot))
 # free, or already taken by a waiting job (which wrote its own pid into the file)
 holder = path.read_text().strip()
 free = not gpus._held(path) or holder != killed
 with open(kills, "a") as f:
-    f.write(json.dumps({"log": str(Path(log).relative_to("results_gpu")), "time": float(t), "gpu": gpu,
-                        "slot": int(slot), "slot_free_after": bool(free), "probe_holder": holder}) + "\n")
+    f.write(json.dumps({"log": str(Path(log).relative_to(results)), "time": float(t), "gpu": gpu,
+                        "slot": int(slot), "slot_free_after": bool(free), "killed_pid": int(killed),
+                        "probe_holder": holder}) + "\n")
 EOF
 }
 
 run() {  # name, then the environment prefix
     local name="$1"; shift
-    rm -rf results_gpu .snakemake "$INSTSIM_GPU_LOCK_DIR"
+    rm -rf "$results" .snakemake "$INSTSIM_GPU_LOCK_DIR"
     : > "$out/kills_$name.jsonl"
     local start=$(date +%s) kpid="" rc
     if [ "$name" = all ] && [ "$kill_rule" != none ]; then killer "$out/kills_$name.jsonl" & kpid=$!; fi
@@ -84,12 +101,12 @@ run() {  # name, then the environment prefix
     echo "$name: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$out/walls.txt"
     echo "$(( $(date +%s) - start )) $rc" > "$out/wall_$name.txt"
     if [ "$name" = all ]; then  # the one-GPU run claims nothing: CUDA_VISIBLE_DEVICES=0 is kept by every job
-        python3 benchmarks/check_gpu_claims.py results_gpu --kills "$out/kills_$name.jsonl" \
+        python3 benchmarks/check_gpu_claims.py "$results" --kills "$out/kills_$name.jsonl" \
             --out "$out/claims_$name.json" > "$out/claims_$name.txt" 2>&1
     fi
-    [ -f results_gpu/eval/summary.tsv ] && cp results_gpu/eval/summary.tsv "$out/summary_$name.tsv"
-    tar czf "$out/results_$name.tgz" results_gpu/benchmarks results_gpu/logs results_gpu/eval/*.tsv \
-        results_gpu/nerf/*/validation.json 2>/dev/null
+    [ -f "$results"/eval/summary.tsv ] && cp "$results"/eval/summary.tsv "$out/summary_$name.tsv"
+    tar czf "$out/results_$name.tgz" "$results"/benchmarks "$results"/logs "$results"/eval/*.tsv \
+        "$results"/nerf/*/validation.json 2>/dev/null
 }
 
 for part in $parts; do
@@ -99,11 +116,11 @@ for part in $parts; do
     esac
 done
 
-python3 - "$out" "$build_s" <<'EOF'
+python3 - "$out" "$build_s" "${cmd[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
 out, build = Path(sys.argv[1]), int(sys.argv[2])
-res = {"benchmark": "multi_gpu_run", "command": "snakemake --cores all --configfile configs/gpu.yaml --replace-workflow-config",
+res = {"benchmark": "multi_gpu_run", "command": " ".join(sys.argv[3:]),
        "gpus": (out / "gpus.txt").read_text().splitlines(), "kernel_build_s": build, "runs": {}}
 for name in ("all", "one"):
     if (out / f"wall_{name}.txt").exists():
