@@ -58,11 +58,11 @@ def main() -> None:
     ns = NeuralSimConfig.from_dict({**cfg.get("neuralsim", {}), "iterations": args.iterations, "eval_every": args.iterations})
     det = detector_config(cfg["detector"]["settings"], cfg["target"]["image_size"], len(classes), cfg["seed"])
     r = args.results
-    models, centres = load_class_nerfs({c: r / f"nerf/{c}/checkpoint.pt" for c in classes},
+    models, centres, radii = load_class_nerfs({c: r / f"nerf/{c}/checkpoint.pt" for c in classes},
                                        {c: r / f"data/{c}/intrinsics.json" for c in classes}, device)
     coco, images, boxes, labels = load_coco_images(r / "target/val/annotations.json", r / "target/val/images")
     target = read_json(r / "target/val/distribution.json")["probabilities"]
-    problem = BilevelProblem(ClassRenderers(models, centres, DetectionCamera.from_target_config(cfg["target"])), space,
+    problem = BilevelProblem(ClassRenderers(models, centres, DetectionCamera.from_target_config(cfg["target"]), radii), space,
                              ValSet(images, boxes, labels, coco), det, target, device)
 
     runs = {}

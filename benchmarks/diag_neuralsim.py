@@ -67,7 +67,7 @@ def _bin_probs(space: PoseSpace, classes, one_bin: int | None, factor: str = "az
 def _synth(ctx, one_bin, n, seed, factor: str = "azimuth"):
     probs = _bin_probs(ctx["space"], ctx["classes"], one_bin, factor)
     camera = DetectionCamera.from_target_config(ctx["cfg"]["target"])
-    s = make_synthetic_set(ctx["models"], ctx["centres"], probs, ctx["space"], camera, n, seed)
+    s = make_synthetic_set(ctx["models"], ctx["centres"], probs, ctx["space"], camera, n, seed, radii=ctx["radii"])
     return s.images.permute(0, 3, 1, 2).contiguous(), [b[None] for b in s.boxes], [l[None] for l in s.labels]
 
 
@@ -132,7 +132,7 @@ def measure_hypergrad(ctx, warm, ns: NeuralSimConfig, draws: int, seed: int) -> 
     own outer_step (0 inner steps, no clipping, psi not moved: SGD with lr 0)."""
     ns = NeuralSimConfig.from_dict({**ns.to_dict(), "inner_steps": 0, "grad_clip": 0.0, "learned": ["azimuth"]})
     space = ctx["space"]
-    renders = ClassRenderers(ctx["models"], ctx["centres"], DetectionCamera.from_target_config(ctx["cfg"]["target"]))
+    renders = ClassRenderers(ctx["models"], ctx["centres"], DetectionCamera.from_target_config(ctx["cfg"]["target"]), ctx["radii"])
     problem = BilevelProblem(renders, space, ctx["val"], ctx["det"])
     gen = generator(seed, 99)
     per = []
@@ -178,12 +178,12 @@ def main() -> None:
     classes = sorted(cfg["classes"])
     space = PoseSpace.from_config(cfg["pose_space"])
     r = args.results
-    models, centres = load_class_nerfs({c: r / f"nerf/{c}/checkpoint.pt" for c in classes},
+    models, centres, radii = load_class_nerfs({c: r / f"nerf/{c}/checkpoint.pt" for c in classes},
                                        {c: r / f"data/{c}/intrinsics.json" for c in classes}, "cpu")
     coco, images, boxes, labels = load_coco_images(r / "target/val/annotations.json", r / "target/val/images")
     det = detector_config(cfg["detector"]["settings"], cfg["target"]["image_size"], len(classes), cfg["seed"])
     val = ValSet(images, boxes, labels, coco)
-    ctx = {"cfg": cfg, "classes": classes, "space": space, "models": models, "centres": centres, "val": val, "det": det,
+    ctx = {"cfg": cfg, "classes": classes, "space": space, "models": models, "centres": centres, "radii": radii, "val": val, "det": det,
            "val_targets": detector_targets(boxes, labels, images, det, torch.float32),
            "target": read_json(r / "target/val/distribution.json")["probabilities"]}
     t0 = time.perf_counter()

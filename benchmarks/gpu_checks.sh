@@ -25,10 +25,9 @@ tests="${GPU_TESTS:-all}"
 echo "gpu tests: $(grep -E "passed|failed|skipped" "$out/gpu_tests.log" | tr '\n' ' ')"
 
 start=$(date +%s)
-# several GPU stages share the one card (they are small and launch-bound); the lock-based claim would
-# serialize them, so the card is named explicitly
+# one card (the profile lets three GPU jobs share it: they are small and launch-bound); the README's command
 CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}" timeout -k 10 "$limit" \
-    snakemake --cores all --resources gpu=3 --configfile configs/gpu.yaml --replace-workflow-config --keep-going \
+    snakemake --cores all --configfile configs/gpu.yaml --replace-workflow-config --keep-going \
     > "$out/pipeline.log" 2>&1
 echo "pipeline: exit $? after $(( $(date +%s) - start )) s"
 grep -E "Error in rule" "$out/pipeline.log" | sort | uniq -c

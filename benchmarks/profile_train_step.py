@@ -11,6 +11,7 @@ time, plus the wall time per step. For finding the next thing to speed up, not f
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_nerf_train import procedural_views  # noqa: E402
+from bench_nerf_train import folder_views, procedural_views  # noqa: E402
 
 from instsim.stages.intrinsics import extract_intrinsics  # noqa: E402
 from instsim.nerf.config import NerfConfig  # noqa: E402
@@ -38,9 +39,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--rays", type=int, default=0, help="fixed rays per step, as torch-ngp (0: the preset's sample budget)")
+    ap.add_argument("--data", type=Path, default=None, help="a BlenderNeRF folder instead of the procedural fist")
     args = ap.parse_args(argv)
 
-    train, _test, tf = procedural_views("fist", args.size, 100, 1, "cuda")
+    if args.data:
+        train, _test, tf = folder_views(args.data)
+    else:
+        train, _test, tf = procedural_views("fist", args.size, 100, 1, "cuda")
     info = extract_intrinsics(tf)
     work = Path(tempfile.mkdtemp(prefix="profile_nerf_"))
     total = args.warm + args.steps
@@ -54,8 +59,10 @@ def main(argv=None) -> int:
         train_nerf(train, info, cfg, work / "nerf.pt", work / "log.tsv", progress=False)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    print(f"[profile] {args.backend}, rays per step {args.rays or 'adaptive'}: {args.steps} steps in {wall:.3f} s ({1000 * wall / args.steps:.2f} ms/step, "
-          "including the resume from the checkpoint)")
+    graphs = os.environ.get("INSTSIM_CUDA_GRAPHS", "1")
+    print(f"[profile] {args.backend}, rays per step {args.rays or 'adaptive'}, INSTSIM_CUDA_GRAPHS={graphs}: {args.steps} "
+          f"steps in {wall:.3f} s ({1000 * wall / args.steps:.2f} ms/step, including the resume from the checkpoint "
+          "and, with graphs, one capture)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows))
     return 0

@@ -121,7 +121,64 @@ __global__ void composite_step_kernel(const float* __restrict__ sigma, const flo
   keep[a] = T > min_t && k_cur[r] <= k_hi[r];
 }
 
+// the training step's compaction (fixed capacity, no host sync): from a density pass without gradient over
+// the marched samples, find where each ray terminates (the forward's rule: a sample counts while the
+// transmittance before it is above min_t) and copy the samples before that point to a second buffer, each
+// ray's contiguously, reserved with one atomicAdd on `total`. A ray that would pass `capacity` gets none and is
+// marked in `dropped`; `total` ends as the number of slots asked for.
+__global__ void compact_kernel(const float* __restrict__ sigma, const float* __restrict__ t_in,
+                               const int64_t* __restrict__ starts_in, const int* __restrict__ counts_in,
+                               int64_t n_rays, float dt, float min_t, int64_t capacity, int* __restrict__ total,
+                               int64_t* __restrict__ starts, int* __restrict__ counts, uint8_t* __restrict__ dropped,
+                               int64_t* __restrict__ ray_out, float* __restrict__ t_out) {
+  const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (r >= n_rays) return;
+  starts[r] = 0;
+  counts[r] = 0;
+  const int64_t s0 = starts_in[r];
+  const int count = counts_in[r];
+  float T = 1.0f;
+  int n = 0;
+  for (; n < count && T > min_t; ++n) T *= expf(-sigma[s0 + n] * dt);
+  if (n == 0) return;
+  const int64_t base = atomicAdd(total, n);
+  if (base + n > capacity) {
+    dropped[r] = 1;
+    return;
+  }
+  starts[r] = base;
+  counts[r] = n;
+  for (int i = 0; i < n; ++i) {
+    ray_out[base + i] = r;
+    t_out[base + i] = t_in[s0 + i];
+  }
+}
+
 }  // namespace
+
+void compact_samples(const at::Tensor& sigma, const at::Tensor& t_in, const at::Tensor& starts_in,
+                     const at::Tensor& counts_in, double dt, double min_transmittance, at::Tensor total,
+                     at::Tensor starts, at::Tensor counts, at::Tensor dropped, at::Tensor ray, at::Tensor t) {
+  check_inputs("compact_samples", sigma, t_in, starts_in, counts_in, total, starts, counts, dropped, ray, t);
+  TORCH_CHECK(sigma.scalar_type() == at::kFloat && t_in.scalar_type() == at::kFloat && t.scalar_type() == at::kFloat &&
+                  sigma.numel() == t_in.numel(),
+              "sigma and t (M,) float32");
+  const int64_t n = starts_in.numel();
+  TORCH_CHECK(starts_in.scalar_type() == at::kLong && counts_in.scalar_type() == at::kInt && counts_in.numel() == n &&
+                  starts.scalar_type() == at::kLong && starts.numel() == n && counts.scalar_type() == at::kInt &&
+                  counts.numel() == n && dropped.scalar_type() == at::kByte && dropped.numel() == n,
+              "starts (R,) int64, counts (R,) int32, dropped (R,) uint8");
+  TORCH_CHECK(total.scalar_type() == at::kInt && total.numel() == 1, "total must be an int32 scalar");
+  TORCH_CHECK(ray.scalar_type() == at::kLong && ray.numel() == t.numel(), "ray (M2,) int64 and t (M2,) float32");
+  const c10::cuda::CUDAGuard guard(sigma.device());
+  if (n == 0) return;
+  compact_kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      sigma.data_ptr<float>(), t_in.data_ptr<float>(), starts_in.data_ptr<int64_t>(), counts_in.data_ptr<int>(), n,
+      static_cast<float>(dt), static_cast<float>(min_transmittance), ray.numel(), total.data_ptr<int>(),
+      starts.data_ptr<int64_t>(), counts.data_ptr<int>(), dropped.data_ptr<uint8_t>(), ray.data_ptr<int64_t>(),
+      t.data_ptr<float>());
+  INSTSIM_CHECK_LAUNCH();
+}
 
 std::vector<at::Tensor> composite_forward(const at::Tensor& sigma, const at::Tensor& rgb, const at::Tensor& t,
                                           const at::Tensor& starts, const at::Tensor& counts, double dt,

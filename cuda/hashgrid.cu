@@ -11,6 +11,8 @@
 // low bits of the PyTorch path's int64 products, so both backends hit the same entries.
 #include "common.h"
 
+#include <cuda_fp16.h>
+
 namespace instsim {
 namespace {
 
@@ -128,6 +130,70 @@ __global__ void hash_backward_kernel(const scalar_t* __restrict__ grad_out, cons
   }
 }
 
+// ---- the training step's variant (instsim/nerf/cuda_train.py), two features per level only: the forward
+// gathers from a half-precision copy of the table laid out entry-major, (S, 2) as __half2, one 4-byte load per
+// corner instead of two 4-byte loads from two feature rows, and the whole table (half the bytes) stays in L2; the
+// backward accumulates into an entry-major float32 (S, 2) gradient with one 8-byte vector atomic per corner
+// (sm_90) instead of two. The features feed a bf16 MLP, so the half table costs no precision that matters.
+__global__ void table_to_half2_kernel(const float* __restrict__ table, int64_t stride, __half2* __restrict__ out) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= stride) return;
+  out[i] = __floats2half2_rn(table[i], table[stride + i]);
+}
+
+// one thread per point, all levels: a thread writes (and the backward reads) its point's whole feature row, so
+// a warp's stores fill whole cache lines within a few instructions; one thread per (point, level), as the float32
+// kernels do, writes 8 bytes per line per pass over the points, 16 passes apart
+__global__ void hash_forward_h2_kernel(const float* __restrict__ x, const __half2* __restrict__ table,
+                                       const int* __restrict__ res, const int64_t* __restrict__ offsets,
+                                       const uint8_t* __restrict__ dense, int64_t n, int n_levels, uint32_t mask,
+                                       float* __restrict__ out) {
+  const int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (p >= n) return;
+  float2* row = reinterpret_cast<float2*>(out) + p * n_levels;
+  for (int l = 0; l < n_levels; ++l) {
+    float frac[3];
+    const int r = res[l];
+    const Cell c = locate(x + 3 * p, r, frac);
+    const bool is_dense = dense[l];
+    const int64_t offset = offsets[l];
+    float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll
+    for (int corner = 0; corner < 8; ++corner) {
+      const int64_t idx = corner_index(c, corner, r, is_dense, mask, offset);
+      const float w = corner_weight(frac, corner);
+      const float2 v = __half22float2(table[idx]);
+      a0 += w * v.x;
+      a1 += w * v.y;
+    }
+    row[l] = make_float2(a0, a1);
+  }
+}
+
+__global__ void hash_backward_f2_kernel(const float* __restrict__ grad_out, const float* __restrict__ x,
+                                        const int* __restrict__ res, const int64_t* __restrict__ offsets,
+                                        const uint8_t* __restrict__ dense, int64_t n, int n_levels, uint32_t mask,
+                                        float2* __restrict__ grad_table) {
+  const int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (p >= n) return;
+  const float2* row = reinterpret_cast<const float2*>(grad_out) + p * n_levels;
+  for (int l = 0; l < n_levels; ++l) {
+    const float2 go = row[l];
+    if (go.x == 0.0f && go.y == 0.0f) continue;  // padding slots of the fixed buffer, rays past termination
+    float frac[3];
+    const int r = res[l];
+    const Cell c = locate(x + 3 * p, r, frac);
+    const bool is_dense = dense[l];
+    const int64_t offset = offsets[l];
+#pragma unroll
+    for (int corner = 0; corner < 8; ++corner) {
+      const int64_t idx = corner_index(c, corner, r, is_dense, mask, offset);
+      const float w = corner_weight(frac, corner);
+      atomicAdd(grad_table + idx, make_float2(w * go.x, w * go.y));
+    }
+  }
+}
+
 #define INSTSIM_DISPATCH_FEATURES(F_VALUE, ...)                                  \
   switch (F_VALUE) {                                                              \
     case 1: { constexpr int F = 1; __VA_ARGS__(); break; }                        \
@@ -148,6 +214,63 @@ void check_levels(const at::Tensor& res, const at::Tensor& offsets, const at::Te
 }
 
 }  // namespace
+
+void hash_table_half2(const at::Tensor& table, at::Tensor out) {
+  INSTSIM_CHECK_INPUT(table);
+  INSTSIM_CHECK_INPUT(out);
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == 2 && table.scalar_type() == at::kFloat,
+              "hash_table_half2: table must be (2, S) float32");
+  TORCH_CHECK(out.scalar_type() == at::kHalf && out.numel() == table.numel(), "hash_table_half2: out must be (S, 2) half");
+  const c10::cuda::CUDAGuard guard(table.device());
+  const int64_t s = table.size(1);
+  if (s == 0) return;
+  table_to_half2_kernel<<<blocks_for(s), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      table.data_ptr<float>(), s, reinterpret_cast<__half2*>(out.data_ptr<at::Half>()));
+  INSTSIM_CHECK_LAUNCH();
+}
+
+at::Tensor hash_encode_forward_h2(const at::Tensor& x, const at::Tensor& table_h2, const at::Tensor& res,
+                                  const at::Tensor& offsets, const at::Tensor& dense, int64_t log2_table) {
+  INSTSIM_CHECK_INPUT(x);
+  INSTSIM_CHECK_INPUT(table_h2);
+  check_levels(res, offsets, dense);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == 3 && x.scalar_type() == at::kFloat, "x must be (N, 3) float32");
+  TORCH_CHECK(table_h2.scalar_type() == at::kHalf && table_h2.dim() == 2 && table_h2.size(1) == 2,
+              "table_h2 must be (S, 2) half");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.size(0);
+  const int n_levels = static_cast<int>(res.numel());
+  auto out = at::empty({n, n_levels * 2}, x.options());
+  if (n == 0) return out;
+  const uint32_t mask = static_cast<uint32_t>((int64_t(1) << log2_table) - 1);
+  hash_forward_h2_kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      x.data_ptr<float>(), reinterpret_cast<const __half2*>(table_h2.data_ptr<at::Half>()), res.data_ptr<int>(),
+      offsets.data_ptr<int64_t>(), dense.data_ptr<uint8_t>(), n, n_levels, mask, out.data_ptr<float>());
+  INSTSIM_CHECK_LAUNCH();
+  return out;
+}
+
+at::Tensor hash_encode_backward_f2(const at::Tensor& grad_out, const at::Tensor& x, int64_t table_size,
+                                   const at::Tensor& res, const at::Tensor& offsets, const at::Tensor& dense,
+                                   int64_t log2_table) {
+  INSTSIM_CHECK_INPUT(grad_out);
+  INSTSIM_CHECK_INPUT(x);
+  check_levels(res, offsets, dense);
+  const int n_levels = static_cast<int>(res.numel());
+  TORCH_CHECK(grad_out.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
+                  grad_out.size(0) == x.size(0) && grad_out.size(1) == 2 * n_levels,
+              "grad_out (N, 2L) and x (N, 3) float32");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.size(0);
+  auto grad = at::zeros({table_size, 2}, x.options());  // entry-major; the caller transposes it to (2, S)
+  if (n == 0) return grad;
+  const uint32_t mask = static_cast<uint32_t>((int64_t(1) << log2_table) - 1);
+  hash_backward_f2_kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      grad_out.data_ptr<float>(), x.data_ptr<float>(), res.data_ptr<int>(), offsets.data_ptr<int64_t>(),
+      dense.data_ptr<uint8_t>(), n, n_levels, mask, reinterpret_cast<float2*>(grad.data_ptr<float>()));
+  INSTSIM_CHECK_LAUNCH();
+  return grad;
+}
 
 at::Tensor hash_encode_forward(const at::Tensor& x, const at::Tensor& table, const at::Tensor& res,
                                const at::Tensor& offsets, const at::Tensor& dense, int64_t log2_table) {

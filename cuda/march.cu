@@ -140,6 +140,48 @@ __global__ void march_step_kernel(const float* __restrict__ o, const float* __re
   n_done[r] = done;
 }
 
+// fixed-capacity version for the training step (no host sync: the sample buffer has a static size, so the
+// step can be captured as a CUDA graph): rays r >= n_active[0] get no samples; each other ray counts its
+// samples, reserves that many contiguous slots with one atomicAdd on `total`, and writes them there. A ray
+// whose slots would pass `capacity` gets none and is marked in `dropped` (the caller leaves it out of the
+// loss); `total` ends as the number of slots asked for, so the caller can grow the buffer.
+__global__ void march_fixed_kernel(const float* __restrict__ o, const float* __restrict__ d,
+                                   const float* __restrict__ u, const float* __restrict__ bbox,
+                                   const uint8_t* __restrict__ occ, int grid, float dt, int max_samples, int64_t n_rays,
+                                   const int* __restrict__ n_active, int64_t capacity, int* __restrict__ total,
+                                   int64_t* __restrict__ starts, int* __restrict__ counts,
+                                   uint8_t* __restrict__ dropped, int64_t* __restrict__ ray_out,
+                                   float* __restrict__ t_out) {
+  const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (r >= n_rays) return;
+  starts[r] = 0;
+  counts[r] = 0;
+  dropped[r] = 0;
+  if (r >= n_active[0]) return;
+  const Ray ray = load_ray(o, d, u, r);
+  int k_lo, k_hi;
+  lattice_range(ray, bbox, dt, &k_lo, &k_hi);
+  int n = 0;
+  for (int k = k_lo; n < max_samples; ++k, ++n) {
+    k = next_occupied(ray, k, k_hi, dt, occ, grid);
+    if (k > k_hi) break;
+  }
+  if (n == 0) return;
+  const int64_t base = atomicAdd(total, n);
+  if (base + n > capacity) {
+    dropped[r] = 1;
+    return;
+  }
+  starts[r] = base;
+  counts[r] = n;
+  int k = k_lo;
+  for (int s = 0; s < n; ++s, ++k) {
+    k = next_occupied(ray, k, k_hi, dt, occ, grid);
+    ray_out[base + s] = r;
+    t_out[base + s] = (k + ray.u) * dt;
+  }
+}
+
 void check_rays(const at::Tensor& o, const at::Tensor& d, const at::Tensor& u, const at::Tensor& bbox) {
   INSTSIM_CHECK_INPUT(o);
   INSTSIM_CHECK_INPUT(d);
@@ -185,6 +227,31 @@ std::vector<at::Tensor> march_train(const at::Tensor& o, const at::Tensor& d, co
     INSTSIM_CHECK_LAUNCH();
   }
   return {ray, t, starts, counts};
+}
+
+void march_fixed(const at::Tensor& o, const at::Tensor& d, const at::Tensor& u, const at::Tensor& bbox,
+                 const at::Tensor& occ, int64_t grid, double dt, int64_t max_samples, const at::Tensor& n_active,
+                 at::Tensor total, at::Tensor starts, at::Tensor counts, at::Tensor dropped, at::Tensor ray,
+                 at::Tensor t) {
+  check_rays(o, d, u, bbox);
+  check_inputs("march_fixed", occ, n_active, total, starts, counts, dropped, ray, t);
+  TORCH_CHECK(occ.scalar_type() == at::kByte && occ.numel() == grid * grid * grid, "occ must be (G^3,) uint8");
+  TORCH_CHECK(n_active.scalar_type() == at::kInt && total.scalar_type() == at::kInt && total.numel() == 1,
+              "n_active and total must be int32 scalars");
+  const int64_t n = o.size(0);
+  TORCH_CHECK(starts.scalar_type() == at::kLong && starts.numel() == n && counts.scalar_type() == at::kInt &&
+                  counts.numel() == n && dropped.scalar_type() == at::kByte && dropped.numel() == n,
+              "starts (R,) int64, counts (R,) int32 and dropped (R,) uint8");
+  TORCH_CHECK(ray.scalar_type() == at::kLong && t.scalar_type() == at::kFloat && ray.numel() == t.numel(),
+              "ray (M,) int64 and t (M,) float32");
+  const c10::cuda::CUDAGuard guard(o.device());
+  if (n == 0) return;
+  march_fixed_kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      o.data_ptr<float>(), d.data_ptr<float>(), u.data_ptr<float>(), bbox.data_ptr<float>(), occ.data_ptr<uint8_t>(),
+      static_cast<int>(grid), static_cast<float>(dt), static_cast<int>(max_samples), n, n_active.data_ptr<int>(),
+      ray.numel(), total.data_ptr<int>(), starts.data_ptr<int64_t>(), counts.data_ptr<int>(),
+      dropped.data_ptr<uint8_t>(), ray.data_ptr<int64_t>(), t.data_ptr<float>());
+  INSTSIM_CHECK_LAUNCH();
 }
 
 std::vector<at::Tensor> march_init(const at::Tensor& o, const at::Tensor& d, const at::Tensor& u,

@@ -328,7 +328,9 @@ def sample_sphere_poses(
 class BinnedFactor:
     """One pose factor split into ``bins`` equal bins over ``[low, high)``.
 
-    Azimuth and elevation are in degrees; zoom is the camera distance in world units.
+    Azimuth and elevation are in degrees; zoom is the camera distance as a multiple of the class's mean
+    training-camera distance (``intrinsics.json``'s ``radius.mean``), so a bin means the same for every class
+    whatever its scale: multiply by that radius for world units (:meth:`PoseSample.poses`).
     """
 
     name: str
@@ -357,25 +359,32 @@ class BinnedFactor:
 @dataclass
 class PoseSample:
     """A batch of ``n`` sampled poses: per factor the bin index ``(n,)`` and the value ``(n,)``
-    (degrees for angles, world units for the camera distance)."""
+    (degrees for angles; ``zoom`` relative to the class's training-camera distance, see :class:`BinnedFactor`)."""
 
     azimuth_bin: torch.Tensor
     elevation_bin: torch.Tensor
     zoom_bin: torch.Tensor
     azimuth_deg: torch.Tensor
     elevation_deg: torch.Tensor
-    radius: torch.Tensor
+    zoom: torch.Tensor
 
-    def poses(self) -> torch.Tensor:
-        """``(n, 4, 4)`` float32 look-at poses at the origin."""
+    def camera_distance(self, class_radius: float | torch.Tensor) -> torch.Tensor:
+        """``(n,)`` camera distances in world units: the zoom times ``class_radius`` (a float, or ``(n,)`` per pose:
+        each pose's class's mean training-camera distance)."""
+        return self.zoom * torch.as_tensor(class_radius, dtype=self.zoom.dtype)
+
+    def poses(self, class_radius: float | torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """``(n, 4, 4)`` float32 look-at poses about ``target`` (default the origin), at
+        :meth:`camera_distance` ``(class_radius)``."""
         return pose_from_spherical(
-            torch.deg2rad(self.azimuth_deg), torch.deg2rad(self.elevation_deg), self.radius
+            torch.deg2rad(self.azimuth_deg), torch.deg2rad(self.elevation_deg), self.camera_distance(class_radius), target
         ).float()
 
 
 @dataclass(frozen=True)
 class PoseSpace:
-    """The three binned factors of a camera pose: azimuth (deg), elevation (deg), zoom (camera distance)."""
+    """The three binned factors of a camera pose: azimuth (deg), elevation (deg), zoom (camera distance as a multiple
+    of each class's mean training-camera distance, see :class:`BinnedFactor`)."""
 
     azimuth: BinnedFactor
     elevation: BinnedFactor

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from .cameras import Intrinsics, PoseSpace, pose_from_spherical
+from .cameras import Intrinsics, PoseSpace, pixel_centres
 from .nerf.rendering import render
-from .scene.backgrounds import BOX_OPACITY, boxes_from_alpha, composite_premultiplied, random_backgrounds
+from .scene.backgrounds import BOX_OPACITY, boxes_from_alpha, composite_premultiplied, random_backgrounds, soft_boxes
 from .seeds import class_seed
 
 __all__ = [
@@ -84,13 +84,17 @@ def render_posed(
 ) -> torch.Tensor:
     """Render a NeRF at ``poses`` ``(n, 4, 4)`` with per-image principal-point ``shifts`` ``(n, 2)`` (pixels).
 
-    Returns premultiplied RGB + opacity ``(n, H, W, 4)``; differentiable to ``poses`` when asked.
+    Returns premultiplied RGB + opacity ``(n, H, W, 4)``; differentiable to ``poses`` when asked. All images go
+    to the renderer in one batch of rays (it chunks them to bound memory): one call per image left a GPU idle
+    between the small calls.
     """
-    out = []
-    for pose, (du, dv) in zip(poses, shifts.tolist()):
-        r = render(model, pose, intr.shifted(du, dv), background=None, requires_grad=requires_grad)
-        out.append(torch.cat([r["rgb"], r["opacity"][..., None]], dim=-1))
-    return torch.stack(out)
+    n = poses.shape[0]
+    # moving the principal point by (du, dv) moves the image content by the same amount: pixel (u, v) of the
+    # shifted camera sees what pixel (u - du, v - dv) of the unshifted one sees
+    base = pixel_centres(intr).reshape(1, -1, 2)
+    uv = base - shifts.to(base.dtype)[:, None, :]
+    r = render(model, poses, intr, background=None, requires_grad=requires_grad, uv=uv)
+    return torch.cat([r["rgb"], r["opacity"][..., None]], dim=-1).reshape(n, intr.h, intr.w, 4)
 
 
 def render_detection_images(
@@ -101,18 +105,26 @@ def render_detection_images(
     backgrounds: torch.Tensor,
     renderer: Renderer = render_posed,
     requires_grad: bool = False,
+    box_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Render ``model`` at ``poses`` ``(n, 4, 4)`` (already in the model's dtype and device), composite over
     ``backgrounds`` ``(n, H, W, 3)`` and box the object.
 
+    Args:
+        box_grad: with ``requires_grad``, return boxes that carry the pose gradient too
+            (:func:`~instsim.scene.backgrounds.soft_boxes`: the same integer boxes forward).
+
     Returns:
         ``images (n, H, W, 3)`` in [0, 1] on the renderer's device (differentiable to ``poses`` when
-        ``requires_grad``), and ``boxes (n, 4)`` float32 on the CPU, detached (zeros: nothing visible).
+        ``requires_grad``), and ``boxes (n, 4)``: float32 on the CPU, detached (zeros: nothing visible), or with
+        ``box_grad`` in the render's dtype and device, differentiable.
     """
     with torch.set_grad_enabled(requires_grad):
         rgba = renderer(model, poses, camera.intrinsics, shifts, requires_grad)
         bg = backgrounds.to(device=rgba.device, dtype=rgba.dtype)
         images = composite_premultiplied(rgba, bg).clamp(0, 1)
+        if box_grad:
+            return images, soft_boxes(rgba[..., 3], BOX_OPACITY)
     boxes = boxes_from_alpha(rgba[..., 3].detach().float().cpu(), BOX_OPACITY)
     return images, boxes
 
@@ -125,6 +137,8 @@ def make_synthetic_set(
     camera: DetectionCamera,
     n_per_class: int,
     seed: int,
+    *,
+    radii: Mapping[str, float],
 ) -> SynthSet:
     """Render ``n_per_class`` images of every class from its NeRF (no gradient), keeping those that show
     their object.
@@ -132,6 +146,8 @@ def make_synthetic_set(
     Args:
         models: class name -> trained NeRF (on its device).
         centres: class name -> ``(3,)`` world point the cameras look at (``intrinsics.json``'s ``centre``).
+        radii: class name -> mean training-camera distance (``intrinsics.json``'s ``radius.mean``): the world
+            units of one unit of zoom.
         probs: class name -> ``{factor: (bins,)}`` pose distribution to draw from.
         space: the binned pose space.
         camera: the detection camera.
@@ -143,9 +159,7 @@ def make_synthetic_set(
         gen = torch.Generator().manual_seed(class_seed(seed, name, "synthetic"))
         sample = space.sample(probs[name], n_per_class, gen)
         centre = torch.as_tensor(centres[name], dtype=torch.float64)
-        poses = pose_from_spherical(
-            torch.deg2rad(sample.azimuth_deg), torch.deg2rad(sample.elevation_deg), sample.radius, centre
-        ).float()
+        poses = sample.poses(float(radii[name]), centre)
         shifts = draw_shifts(n_per_class, camera.max_shift, gen)
         backgrounds = random_backgrounds(n_per_class, camera.size, gen)
         rgb, box = render_detection_images(models[name], poses, camera, shifts, backgrounds)

@@ -1,6 +1,7 @@
 """Shared fixtures: paths of the repo and its small data, copies of the BlenderNeRF fixture, and the one local
 run of the tiny workflow that every test module reading a finished run shares."""
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -46,3 +47,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def instsim_logger_reset():
+    """Tests that run a stage in-process (:func:`instsim.stages.runner.run_stage`) point the ``instsim`` logger at
+    the stage's log file and stop it propagating; undo that after each test so the next one's ``caplog`` (on the
+    root logger) sees instsim's records whatever ran before."""
+    yield
+    logger = logging.getLogger("instsim")
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)

@@ -141,8 +141,10 @@ def test_pose_space_sampling_follows_probabilities():
     freq = torch.bincount(s.azimuth_bin, minlength=4).double() / 20000
     assert torch.allclose(freq, probs["azimuth"], atol=0.02)
     assert (s.elevation_bin == 1).all() and (s.elevation_deg >= 15).all() and (s.elevation_deg < 60).all()
-    assert (s.radius >= 3).all() and (s.radius < 6).all()
-    assert s.poses().shape == (20000, 4, 4)
+    assert (s.zoom >= 3).all() and (s.zoom < 6).all()
+    poses = s.poses(0.5)  # zoom is relative: times the class's training-camera distance
+    assert poses.shape == (20000, 4, 4)
+    assert torch.allclose(poses[:, :3, 3].double().norm(dim=-1), 0.5 * s.zoom, rtol=1e-6)
 
 
 @pytest.mark.parametrize(

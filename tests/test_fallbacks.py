@@ -6,11 +6,12 @@ import logging
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from instsim import backend
 from instsim.cameras import Intrinsics, PoseSpace, pose_from_spherical
-from instsim.errors import InstsimError
+from instsim.errors import InputError, InstsimError
 from instsim.nerf.config import NerfConfig
 from instsim.nerf.network import InstantNerf
 from instsim.nerf.normalization import SceneNormalization
@@ -60,30 +61,34 @@ def test_folder_import_says_when_it_copies_instead_of_linking(tmp_path, monkeypa
     assert any("copied" in r.getMessage() and "train" in r.getMessage() for r in caplog.records)
 
 
-def _space(zoom_low: float, zoom_high: float) -> PoseSpace:
+def _space(zoom_low: float, zoom_high: float, el_low: float = -90.0) -> PoseSpace:
     return PoseSpace.from_config({"azimuth": {"bins": 4, "low": 0.0, "high": 360.0},
-                                  "elevation": {"bins": 2, "low": -90.0, "high": 90.0},
+                                  "elevation": {"bins": 2, "low": el_low, "high": 90.0},
                                   "zoom": {"bins": 2, "low": zoom_low, "high": zoom_high}})
 
 
-def _folder_target(tmp_path: Path, space: PoseSpace) -> dict:
+def _folder_target(tmp_path: Path, space: PoseSpace, radius: float = 3.5) -> dict:
     target_cfg = {"image_size": 32, "fov_deg": 40.0, "images": {"val": 2}, "max_shift": 0.0, "supersample": 1}
     render_target({"obj": {"source": "folder", "path": str(BLENDERNERF_TINY)}}, space, space.uniform(), target_cfg,
                   "val", 0, tmp_path / "images", tmp_path / "annotations.json", tmp_path / "distribution.json",
-                  progress=False)
+                  {"obj": radius}, progress=False)
     return json.loads((tmp_path / "distribution.json").read_text())
 
 
 def test_folder_target_records_views_outside_the_pose_space(tmp_path, caplog):
-    """The fixture's cameras sit 3.5 units from the object. A zoom range that holds them records nothing; one that
-    does not (2-3) weights every view by the nearest edge bin, and says so in the log and in distribution.json."""
-    inside = _folder_target(tmp_path / "inside", _space(3.0, 4.0))
-    assert "folder_views_outside_pose_space" not in inside
-    with caplog.at_level(logging.WARNING, logger="instsim"):
-        outside = _folder_target(tmp_path / "outside", _space(2.0, 3.0))
+    """The fixture's cameras sit at their training distance (zoom 1.0). A pose space that holds them records nothing;
+    views outside it (here: elevations below 20 degrees) are left out, never weighted by an edge bin, and the log and
+    distribution.json say how many; a pose space that holds none of them is an error naming the counts."""
+    inside = _folder_target(tmp_path / "inside", _space(0.8, 1.2))
+    assert "folder_views_outside_pose_space" not in inside and inside["class_radius"] == {"obj": 3.5}
     n_views = len(json.loads((BLENDERNERF_TINY / "transforms_test.json").read_text())["frames"])
-    assert outside["folder_views_outside_pose_space"] == {"obj": n_views}
+    with caplog.at_level(logging.WARNING, logger="instsim"):
+        some = _folder_target(tmp_path / "some", _space(0.8, 1.2, el_low=20.0))
+    assert some["folder_views_outside_pose_space"] == {"obj": {"azimuth": 0, "elevation": 2, "zoom": 0, "total": 2,
+                                                               "views": n_views}}
     assert any("outside pose_space" in r.getMessage() for r in caplog.records)
+    with pytest.raises(InputError, match="'zoom': 8"):
+        _folder_target(tmp_path / "none", _space(1.1, 1.5))
 
 
 def test_auto_backend_fallback_on_a_gpu_is_remembered(monkeypatch, caplog):

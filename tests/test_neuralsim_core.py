@@ -56,17 +56,19 @@ TARGET = {
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_distribution_defaults_learn_azimuth_only_and_start_uniform():
+def test_distribution_defaults_learn_every_factor_and_start_uniform():
     dist = PoseDistribution(_space(), ["fist", "train"])  # "train" would clash with nn.Module.train as an attribute
     params = dict(dist.named_parameters())
-    assert len(params) == 2 and all(p.shape == (8,) for p in params.values())
-    assert dist.learned == ("azimuth",)
+    assert len(params) == 6 and sorted(p.shape[0] for p in params.values()) == [3, 3, 3, 3, 8, 8]
+    assert dist.learned == ("azimuth", "elevation", "zoom")
     for c in dist.classes:
         probs = dist.probs(c)
         for f, bins in (("azimuth", 8), ("elevation", 3), ("zoom", 3)):
             assert torch.allclose(probs[f].double(), torch.full((bins,), 1.0 / bins, dtype=F64), atol=1e-7)
-        assert probs["azimuth"].requires_grad and not probs["elevation"].requires_grad
-        assert set(dist.learned_parameters(c)) == {"azimuth"}
+            assert probs[f].requires_grad
+        assert set(dist.learned_parameters(c)) == {"azimuth", "elevation", "zoom"}
+    one = PoseDistribution(_space(), ["fist"], learned=["azimuth"])  # a fixed factor has no parameter
+    assert one.probs("fist")["azimuth"].requires_grad and not one.probs("fist")["elevation"].requires_grad
     with pytest.raises(KeyError):
         dist.probs("mug")
 
@@ -118,7 +120,7 @@ def test_tv_distance_per_factor_and_mean():
     per, mean = tv_distance(uniform, TARGET, factors=["azimuth"])
     assert mean == pytest.approx(0.525)
     assert tv_distance({"a": [1.0, 0.0]}, {"a": [0.0, 1.0]})[1] == pytest.approx(1.0)
-    tv = PoseDistribution(_space(), ["fist", "palm"]).tv_to(TARGET)  # learned factors by default
+    tv = PoseDistribution(_space(), ["fist", "palm"], learned=["azimuth"]).tv_to(TARGET)  # the learned factors by default
     assert tv["mean"] == pytest.approx(0.525) and tv["per_class"]["palm"] == {"azimuth": pytest.approx(0.525)}
 
 
@@ -288,10 +290,12 @@ def test_pose_sample_view_and_hard_sampling_from_distribution():
     space, gen = _space(), torch.Generator().manual_seed(4)
     dist = PoseDistribution(space, ["fist"], init={"fist": TARGET})
     noise = draw_noise(space, 16, gen)
-    values, c2w = relaxed_poses(dist, "fist", noise, 0.3)
+    values, c2w = relaxed_poses(dist, "fist", noise, 0.3, class_radius=2.5)
     ps = to_pose_sample(values, space)
     assert isinstance(ps, PoseSample) and ps.azimuth_bin.dtype == torch.int64
-    assert torch.allclose(ps.poses(), c2w.detach().float(), atol=1e-5)
+    assert torch.allclose(ps.poses(2.5), c2w.detach().float(), atol=1e-5)
+    # zoom is relative: the camera sits at zoom * the class's training-camera distance
+    assert torch.allclose(c2w[:, :3, 3].detach().norm(dim=-1), 2.5 * values["zoom"].detach(), atol=1e-6)
     hard = dist.sample("fist", 4000, gen)
     freq = torch.bincount(hard.azimuth_bin, minlength=8).double() / 4000
     assert torch.allclose(freq, torch.tensor(TARGET["azimuth"], dtype=F64), atol=0.03)
@@ -528,7 +532,7 @@ def _outer_loop(method: str, seed: int, steps: int = 60, k_images: int = 64, tau
     gen = torch.Generator().manual_seed(seed)
     dist = PoseDistribution(space, ["hand"], learned=["azimuth"], dtype=F64)
     target = space.check_probs(TARGET)
-    val_images = _features(space.sample(target, 2000, gen).poses().double())
+    val_images = _features(space.sample(target, 2000, gen).poses(1.0).double())
     s = torch.linspace(0.5, 2.0, 8, dtype=F64)
     theta = torch.zeros(8, dtype=F64, requires_grad=True)
 
@@ -584,3 +588,4 @@ def test_outer_loop_with_the_sign_dropped_moves_away(one_thread):
     """The published code's sign error: ascending L_val drives psi away from the target."""
     tv0, tv1 = _outer_loop("cg", 0, steps=30, sign=-1.0)
     assert tv1 > tv0
+

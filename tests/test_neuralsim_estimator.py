@@ -17,7 +17,7 @@ import torch
 from instsim.cameras import Intrinsics, PoseSpace
 from instsim.detect.targets import encode_targets, with_box_gradient
 from instsim.neuralsim import PoseDistribution, draw_noise, hard_bins, relaxed_poses
-from instsim.neuralsim.boxes import soft_boxes
+from instsim.scene.backgrounds import soft_boxes
 from instsim.neuralsim.estimator import (
     BASELINES,
     ESTIMATORS,

@@ -21,7 +21,8 @@ from instsim.errors import ConfigError
 from instsim.nerf.config import NerfConfig
 from instsim.nerf.network import InstantNerf
 from instsim.nerf.normalization import SceneNormalization
-from instsim.neuralsim import PoseDistribution, draw_noise, implicit_image_grad
+from instsim.neuralsim import PoseDistribution, draw_noise
+from instsim.neuralsim.estimator import pathwise_input_grads
 from instsim.neuralsim.config import NeuralSimConfig, psi_lr_at
 from instsim.neuralsim.loop import optimize_distribution
 from instsim.neuralsim.objective import ValSet
@@ -68,7 +69,7 @@ def test_render_gradient_wrt_psi_through_the_nerf_matches_finite_differences():
     weights = torch.rand(n, 3, 10, 10, generator=gen, dtype=F64)
     tau = 0.7  # soft samples: every bin's logit moves the pose
 
-    renders = ClassRenderers({"obj": model}, {"obj": centre}, DetectionCamera(intr, 0.0))
+    renders = ClassRenderers({"obj": model}, {"obj": centre}, DetectionCamera(intr, 0.0), {"obj": 1.0})
 
     def f() -> torch.Tensor:
         images, _ = render_relaxed(renders, dist, "obj", samples, tau, "soft", requires_grad=True)
@@ -148,8 +149,9 @@ def make_disk_problem():
     """The stand-in class and its target/val set: 40 images at the target distribution (mostly high, orange).
     Returns ``(renders, val)``; also used by tests/reliability's kill-and-resume worker."""
     centres = {"disk": torch.tensor([0.1, -0.1, 0.0])}
+    # the stand-in's zoom is in world units: a training-camera distance of 1
     renders = ClassRenderers({"disk": Disk(centres["disk"])}, centres, DetectionCamera.from_target_config(TARGET_CFG),
-                             disk_renderer)
+                             {"disk": 1.0}, disk_renderer)
     target = PoseDistribution(SPACE, ["disk"], learned=["elevation"], init={"disk": TARGET})
     samples = draw_samples(SPACE, ["disk"], 40, renders.camera, torch.Generator().manual_seed(123))["disk"]
     images, boxes = render_relaxed(renders, target, "disk", samples, 0.05, "soft")
@@ -161,7 +163,7 @@ def disk_bilevel(disk_problem, device: str = "cpu", renderer=None) -> BilevelPro
     """The stand-in problem as Neural-Sim's :class:`BilevelProblem` (optionally with another renderer)."""
     renders, val = disk_problem
     if renderer is not None:
-        renders = ClassRenderers(renders.models, renders.centres, renders.camera, renderer)
+        renders = ClassRenderers(renders.models, renders.centres, renders.camera, renders.radii, renderer)
     return BilevelProblem(renders, SPACE, val, DETECTOR, TARGET, torch.device(device))
 
 
@@ -169,7 +171,7 @@ def _cfg(**kw) -> NeuralSimConfig:
     # the stand-in's settings, written out (not the library defaults, which are the default run's)
     base = {"iterations": 30, "images_per_class": 32, "inner_steps": 5, "inner_lr": 1e-3, "learned": ["elevation"],
             "pretrain_steps": 0, "psi_lr": 0.1, "eval_every": 10, "checkpoint_every": 2, "seed": 0,
-            "temperature": 0.5, "relaxation": "soft", "reset_detector": False}
+            "temperature": 0.5, "relaxation": "soft", "reset_detector": False, "estimator": "pathwise"}
     base.update(kw)
     return NeuralSimConfig.from_dict(base)
 
@@ -208,11 +210,46 @@ def test_loop_with_a_hard_forward_relaxation_moves_psi_toward_the_target(disk_pr
 def test_loop_with_the_sign_dropped_moves_psi_away(disk_problem, monkeypatch):
     """The published code's sign error (ascending L_val): the same loop drives psi away from the target, so the
     test above measures the hypergradient, not a bias of the sampler or renderer."""
-    from instsim.neuralsim import step
+    from instsim.neuralsim import hypergradient
 
-    monkeypatch.setattr(step, "implicit_image_grad", lambda *a, **k: -implicit_image_grad(*a, **k))
+    def flipped(*a, **k):
+        gx, gb = pathwise_input_grads(*a, **k)
+        return -gx, None if gb is None else -gb
+
+    monkeypatch.setattr(hypergradient, "pathwise_input_grads", flipped)
     _, _, rows = _run(disk_problem, _cfg(iterations=10))
     assert rows[-1]["tv_to_target"] > rows[0]["tv_to_target"] + 0.1, [round(r["tv_to_target"], 3) for r in rows]
+
+
+# zoom: the disk's size (and so its box) changes with the camera distance; the target wants it close and large
+ZOOM_SPACE = PoseSpace.from_config({"azimuth": {"bins": 1, "low": 0.0, "high": 360.0},
+                                    "elevation": {"bins": 1, "low": 20.0, "high": 40.0},
+                                    "zoom": {"bins": 3, "low": 2.0, "high": 5.0}})
+ZOOM_TARGET = {"azimuth": [1.0], "elevation": [1.0], "zoom": [0.8, 0.1, 0.1]}
+
+
+@pytest.fixture(scope="module")
+def zoom_problem() -> BilevelProblem:
+    renders, _ = make_disk_problem()
+    target = PoseDistribution(ZOOM_SPACE, ["disk"], learned=["zoom"], init={"disk": ZOOM_TARGET})
+    samples = draw_samples(ZOOM_SPACE, ["disk"], 40, renders.camera, torch.Generator().manual_seed(321))["disk"]
+    images, boxes = render_relaxed(renders, target, "disk", samples, 1.0, "straight_through")
+    val = ValSet(images, [b[None] for b in boxes], [torch.tensor([0]) for _ in boxes])
+    assert boxes[:, 2].max() > 1.5 * boxes[:, 2].min()  # the box follows zoom: a size the detector must learn
+    return BilevelProblem(renders, ZOOM_SPACE, val, DETECTOR, ZOOM_TARGET)
+
+
+@pytest.mark.parametrize("estimator", ["pathwise", "score_function"])
+def test_loop_learns_zoom_where_the_box_changes_with_it(zoom_problem, estimator):
+    """Zoom changes the disk's size, hence its box: both estimators that account for the labels (the box term of the
+    pathwise one, or the score function, which needs none) move zoom toward the close bin the target holds."""
+    cfg = _cfg(learned=["zoom"], relaxation="straight_through", temperature=2.0, estimator=estimator, iterations=25,
+               psi_lr=0.15)
+    dist, _, rows = optimize_distribution(zoom_problem, cfg, progress=False, log_fn=lambda msg: None)
+    tv = [round(r["tv_to_target"], 3) for r in rows]
+    assert tv[0] == pytest.approx(0.4667, abs=1e-3)  # uniform over 3 bins vs 0.8 / 0.1 / 0.1
+    assert tv[-1] <= 0.6 * tv[0], tv
+    assert int(dist.probs("disk")["zoom"].argmax()) == 0, tv
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine runs it)")

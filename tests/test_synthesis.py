@@ -27,7 +27,7 @@ def test_strategy_and_loop_paths_render_the_same_images_and_boxes():
     camera = DetectionCamera.from_target_config({"image_size": 16, "fov_deg": 40.0, "max_shift": 0.15})
     n, seed = 5, 3
     probs = SPACE.uniform()
-    synth = make_synthetic_set({"obj": model}, {"obj": centre}, {"obj": probs}, SPACE, camera, n, seed)
+    synth = make_synthetic_set({"obj": model}, {"obj": centre}, {"obj": probs}, SPACE, camera, n, seed, radii={"obj": 1.3})
 
     # replay the strategy path's draws, and express its poses as relaxed samples that pick the same bins and
     # positions inside them (a Gumbel draw that dominates the logits, the jitter the bin position)
@@ -36,10 +36,10 @@ def test_strategy_and_loop_paths_render_the_same_images_and_boxes():
     shifts = draw_shifts(n, camera.max_shift, gen)
     backgrounds = random_backgrounds(n, camera.size, gen)
     bins = {"azimuth": sample.azimuth_bin, "elevation": sample.elevation_bin, "zoom": sample.zoom_bin}
-    values = {"azimuth": sample.azimuth_deg, "elevation": sample.elevation_deg, "zoom": sample.radius}
+    values = {"azimuth": sample.azimuth_deg, "elevation": sample.elevation_deg, "zoom": sample.zoom}
     gumbel = {f: 1e3 * torch.nn.functional.one_hot(bins[f], SPACE.factor(f).bins).double() for f in SPACE.FACTORS}
     jitter = {f: (values[f] - SPACE.factor(f).low) / SPACE.factor(f).width - bins[f] for f in SPACE.FACTORS}
-    renders = ClassRenderers({"obj": model}, {"obj": centre}, camera)
+    renders = ClassRenderers({"obj": model}, {"obj": centre}, camera, {"obj": 1.3})
     dist = PoseDistribution(SPACE, ["obj"], learned=list(SPACE.FACTORS))
     with torch.no_grad():
         images, boxes = render_relaxed(renders, dist, "obj", ClassSamples(RelaxedSample(gumbel, jitter), shifts, backgrounds),

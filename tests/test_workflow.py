@@ -101,6 +101,8 @@ def test_folder_class_imports_blendernerf(tmp_path):
         ({"target": {**tiny_config()["target"], "distribution": {"azimuth": [1.0], "elevation": [0.2, 0.3, 0.5], "zoom": [0.2, 0.3, 0.5]}}}, "target.distribution.azimuth"),
         ({"pose_space": {**tiny_config()["pose_space"], "zoom": {"bins": 3, "low": 0.0, "high": 4.4}}}, "pose_space.zoom.low"),
         ({"seeds": []}, "seeds"),
+        # a camera distance in world units (configs before zoom became relative to the training cameras)
+        ({"pose_space": {**tiny_config()["pose_space"], "zoom": {"bins": 3, "low": 2.6, "high": 4.4}}}, "pose_space.zoom.high"),
         ({"extra_key": 1}, "Additional properties are not allowed ('extra_key'"),
         ({"nerf": {**tiny_config()["nerf"], "hash_size": 3}}, "nerf.hash_size"),
         ({"nerf": {**tiny_config()["nerf"], "preset": "huge"}}, "nerf.preset: 'huge' is not one of"),

@@ -1,39 +1,38 @@
 """Seeded, checkpointed, resumable detector training, and a short fine-tune for Neural-Sim's inner loop.
 
-Determinism: the weights depend only on the data and the :class:`~.config.DetectorConfig`. The shuffle of
-epoch ``e`` and the augmentation of step ``k`` come from generators seeded with ``(cfg.seed, e)`` and
-``(cfg.seed, k)``, and the learning rate is a pure function of the step, so a run resumed from a
-checkpoint ends with the same weights (bit for bit on the same CPU and thread count) as an
-uninterrupted run.
-
-Checkpoints (``torch.save`` dicts, written atomically: tmp file + ``os.replace``) hold ``step``,
-``total_steps``, ``config``, ``model``, ``optimizer``, ``rng`` (the global torch RNG state) and a
-fingerprint of the training data; resuming with another config or other data is refused.
-A non-finite loss or gradient stops training with :class:`DetectorTrainingError`; the last checkpoint
-written (a good one) is kept.
+Determinism: the weights depend only on the data and the :class:`~.config.DetectorConfig`. The batches depend
+only on ``(cfg.seed, step)`` (:mod:`.batches`) and the learning rate is a pure function of the step, so a run
+resumed from a checkpoint (:mod:`.checkpoint`) ends with the same weights (bit for bit on the same CPU and
+thread count) as an uninterrupted run. A non-finite loss or gradient stops training with
+:class:`DetectorTrainingError`; the last checkpoint written (a good one) is kept.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
+from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..io import load_torch, save_torch
-from ..errors import ConfigError, InputError, InstsimError
-from ..seeds import generator
+from ..errors import InstsimError
+from ..io import save_torch
+from .batches import BatchPrefetcher, augment_batch, batch_indices, make_batch
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    check_resume,
+    data_fingerprint,
+    load_detector,
+    read_checkpoint,
+    save_detector,
+)
 from .config import DetectorConfig, steps_per_epoch
-from .decode import as_float_images
 from .loss import compute_loss
 from .model import CenterNet, build_detector
-from .targets import encode_targets
+from .targets import DetectionTargets
 
 __all__ = [
     "DetectorTrainingError",
@@ -46,8 +45,6 @@ __all__ = [
     "load_detector",
     "data_fingerprint",
 ]
-
-CHECKPOINT_FORMAT = "instsim-detector-v1"
 
 
 class DetectorTrainingError(InstsimError):
@@ -65,72 +62,6 @@ def lr_at(step: int, total_steps: int, cfg: DetectorConfig) -> float:
     return lo + 0.5 * (cfg.lr - lo) * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
-def _epoch_perm(seed: int, epoch: int, n: int) -> torch.Tensor:
-    return torch.randperm(n, generator=generator(seed, 1, epoch))
-
-
-def _batch_indices(seed: int, step: int, n: int, batch_size: int, cache: dict) -> torch.Tensor:
-    spe = steps_per_epoch(n, batch_size)
-    epoch, k = divmod(step, spe)
-    if cache.get("epoch") != epoch:
-        cache["epoch"], cache["perm"] = epoch, _epoch_perm(seed, epoch, n)
-    return cache["perm"][k * batch_size:(k + 1) * batch_size]
-
-
-def augment_batch(
-    images: torch.Tensor,
-    boxes: Sequence[torch.Tensor],
-    cfg: DetectorConfig,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Random integer translation (edge-replicated border, boxes follow, up to ``cfg.aug_shift`` px),
-    per-channel gain / brightness / contrast jitter (``cfg.aug_color``) and Gaussian pixel noise
-    (``cfg.aug_noise``). No flips (they change a hand's chirality).
-
-    Args:
-        images: ``(B, 3, H, W)`` float in ``[0, 1]``.
-        boxes: per image ``(n_i, 4)`` xywh pixels.
-
-    Returns:
-        augmented images (clamped to ``[0, 1]``) and shifted boxes (clipping is left to the encoder).
-    """
-    B, _, H, W = images.shape
-    out_boxes = [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes]
-    s = cfg.aug_shift
-    if s > 0:
-        shifts = torch.randint(-s, s + 1, (B, 2), generator=generator)
-        padded = F.pad(images, (s, s, s, s), mode="replicate")
-        rows = []
-        for b in range(B):
-            dx, dy = int(shifts[b, 0]), int(shifts[b, 1])
-            rows.append(padded[b, :, s - dy:s - dy + H, s - dx:s - dx + W])
-            out_boxes[b] = out_boxes[b] + torch.tensor([dx, dy, 0.0, 0.0])
-        images = torch.stack(rows)
-    c = cfg.aug_color
-    if c > 0:
-        u = lambda *shape: 2 * torch.rand(*shape, generator=generator) - 1  # noqa: E731  U(-1, 1)
-        gain = 1 + c * u(B, 3, 1, 1)
-        bright = 0.5 * c * u(B, 1, 1, 1)
-        contrast = 1 + c * u(B, 1, 1, 1)
-        mean = images.mean(dim=(1, 2, 3), keepdim=True)
-        images = (images * gain - mean) * contrast + mean + bright
-    if cfg.aug_noise > 0:
-        sigma = cfg.aug_noise * torch.rand(B, 1, 1, 1, generator=generator)
-        images = images + sigma * torch.randn(images.shape, generator=generator)
-    return images.clamp(0, 1), out_boxes
-
-
-def data_fingerprint(images: torch.Tensor, boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> str:
-    """sha1 of the training data (images, boxes, labels), to refuse resuming on other data."""
-    h = hashlib.sha1()
-    h.update(str((tuple(images.shape), str(images.dtype))).encode())
-    h.update(np.ascontiguousarray(torch.as_tensor(images).detach().cpu().numpy()).tobytes())
-    for b, lb in zip(boxes, labels):
-        h.update(np.ascontiguousarray(torch.as_tensor(b, dtype=torch.float64).reshape(-1, 4).numpy()).tobytes())
-        h.update(np.ascontiguousarray(torch.as_tensor(lb, dtype=torch.long).reshape(-1).numpy()).tobytes())
-    return h.hexdigest()
-
-
 def _check_data(images: torch.Tensor, boxes: Sequence, labels: Sequence, cfg: DetectorConfig) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be a (N, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
@@ -144,37 +75,11 @@ def _check_data(images: torch.Tensor, boxes: Sequence, labels: Sequence, cfg: De
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: ``weight_decay`` on weights, none on biases and GroupNorm affine parameters."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() <= 1 else decay).append(p)  # no decay on biases and GroupNorm affine params
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _read_checkpoint(path: Path) -> dict:
-    ck = load_torch(path, CHECKPOINT_FORMAT, "an instsim detector checkpoint")
-    for key in ("config", "model"):
-        if key not in ck:
-            raise InputError(path, key, "missing from the detector checkpoint")
-    return ck
-
-
-def save_detector(model: CenterNet, path: str | Path) -> None:
-    """Write the model's config and weights (atomically); read back with :func:`load_detector`."""
-    save_torch({"format": CHECKPOINT_FORMAT, "config": model.cfg.to_dict(), "model": model.state_dict(),
-                  "complete": True}, Path(path))
-
-
-def load_detector(path: str | Path) -> CenterNet:
-    """A detector from :func:`save_detector` output or a training checkpoint (config + weights)."""
-    path = Path(path)
-    ck = _read_checkpoint(path)
-    cfg = DetectorConfig.from_dict(ck["config"], source=path)
-    model = CenterNet(cfg)
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise InputError(path, "model", f"weights do not fit the config: {e}") from None
-    return model
 
 
 def _train_step(model: CenterNet, opt: torch.optim.Optimizer, x: torch.Tensor, targets, lr: float,
@@ -195,14 +100,81 @@ def _train_step(model: CenterNet, opt: torch.optim.Optimizer, x: torch.Tensor, t
     return float(loss.detach()), parts, gnorm
 
 
-def _batch(images, boxes, labels, idx, cfg, step, aug: bool, dtype):
-    x = as_float_images(images[idx]).to(dtype)
-    bx = [boxes[i] for i in idx.tolist()]
-    lb = [labels[i] for i in idx.tolist()]
-    if aug:
-        x, bx = augment_batch(x, bx, cfg, generator(cfg.seed, 2, step))
-    t = encode_targets(bx, lb, tuple(x.shape[2:]), cfg.num_classes, cfg.stride, cfg.min_overlap, dtype=dtype)
-    return x, t
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _resume(ckpt: Path, model: CenterNet, opt: torch.optim.Optimizer, cfg: DetectorConfig, fingerprint: str | None,
+            total: int, say: Callable[[str], None]) -> int:
+    """Load a training checkpoint into ``model``/``opt`` (and the global RNG); returns its step."""
+    ck = read_checkpoint(ckpt)
+    check_resume(ck, ckpt, cfg, fingerprint)
+    model.load_state_dict(ck["model"])
+    if "optimizer" in ck:
+        opt.load_state_dict(ck["optimizer"])
+    if "rng" in ck:
+        torch.set_rng_state(ck["rng"])
+    start = int(ck.get("step", total))
+    say(f"resumed detector training from {ckpt} at step {start}/{total}")
+    return start
+
+
+def _save(ckpt: Path | None, step: int, total: int, cfg: DetectorConfig, model: CenterNet, opt: torch.optim.Optimizer,
+          fingerprint: str | None) -> None:
+    if ckpt is None:
+        return
+    save_torch({"format": CHECKPOINT_FORMAT, "step": step, "total_steps": total, "complete": step >= total,
+                "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "rng": torch.get_rng_state(), "data": fingerprint}, ckpt)
+
+
+def _device_batches(images: torch.Tensor, boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
+                    cfg: DetectorConfig, start: int, stop: int, device: torch.device, dtype: torch.dtype,
+                    prefetch: bool) -> Iterator[tuple[torch.Tensor, DetectionTargets]]:
+    """The augmented batches of steps ``start..stop-1`` on ``device``."""
+    cache: dict = {}
+    indices = lambda step: batch_indices(cfg.seed, step, len(images), cfg.batch_size, cache)  # noqa: E731
+    make = lambda idx, step: make_batch(images, boxes, labels, idx, cfg, step, True, dtype)  # noqa: E731
+    if not (prefetch and device.type == "cuda" and start < stop):
+        # on a CPU, building batches in threads would only take cores from the training step itself
+        for step in range(start, stop):
+            x, t = make(indices(step), step)
+            yield x.to(device), t.to(device)
+        return
+    ahead = BatchPrefetcher(make, indices, start, stop, workers=max(1, torch.get_num_threads()), pin=True)
+    try:
+        for _ in range(start, stop):
+            x, t = ahead.get()
+            yield x.to(device, non_blocking=True), t.to(device)
+    finally:
+        ahead.close()
+
+
+def _diverged(step: int, loss: float, parts: dict, gnorm: float, cfg: DetectorConfig, ckpt: Path | None,
+              last_saved: int | None) -> DetectorTrainingError:
+    where = f"; last good checkpoint: {ckpt} (step {last_saved})" if last_saved is not None else ""
+    return DetectorTrainingError(
+        f"detector training diverged at step {step}: loss {loss} (heatmap {parts['heatmap']:.4g}, size "
+        f"{parts['size']:.4g}, offset {parts['offset']:.4g}), gradient norm {gnorm}; try a lower lr (now {cfg.lr}){where}")
+
+
+def _record_step(step: int, total: int, loss: float, parts: dict, lr: float, gnorm: float, history: list | None,
+                 bar: tqdm, say: Callable[[str], None], log_every: int) -> None:
+    if history is not None:
+        history.append({"step": step, "loss": loss, **{k: parts[k] for k in ("heatmap", "size", "offset")},
+                        "lr": lr, "grad_norm": gnorm})
+    bar.update(1)
+    if step % 10 == 0:
+        bar.set_postfix(loss=f"{loss:.3f}")
+    if log_every and (step + 1) % log_every == 0:
+        say(f"step {step + 1}/{total} loss {loss:.4f} (heatmap {parts['heatmap']:.4f} size {parts['size']:.4f} "
+            f"offset {parts['offset']:.4f}) lr {lr:.2e}")
 
 
 def train_detector(
@@ -219,6 +191,7 @@ def train_detector(
     history: list | None = None,
     num_threads: int | None = None,
     device: str | torch.device = "cpu",
+    prefetch: bool = True,
 ) -> CenterNet:
     """Train a detector from scratch (or resume one) on ``images``.
 
@@ -241,6 +214,8 @@ def train_detector(
         device: where the model and each batch live while training (batches are drawn, augmented and
             encoded on the CPU, as on a CPU run, so the data stream is the same on every device; results on a
             GPU differ from the CPU's by float rounding). The returned model is on the CPU.
+        prefetch: on a GPU, build the batches ahead in ``torch.get_num_threads()`` threads while the GPU
+            trains (the same batches, so the same result); False builds each in the loop (for comparison).
 
     Returns:
         the model (train mode off: ``eval()``).
@@ -252,86 +227,43 @@ def train_detector(
     cfg = cfg or DetectorConfig()
     _check_data(images, boxes, labels, cfg)
     if num_threads is not None:
-        old_threads = torch.get_num_threads()
-        torch.set_num_threads(int(num_threads))
-        try:
+        with _torch_threads(int(num_threads)):
             return train_detector(images, boxes, labels, cfg, log, checkpoint_path, resume, max_steps, progress,
-                                  log_every, history, None, device)
-        finally:
-            torch.set_num_threads(old_threads)
+                                  log_every, history, None, device, prefetch)
     say = log or (lambda msg: None)
-    n = len(images)
-    total = cfg.total_steps(n)
+    n, total = len(images), cfg.total_steps(len(images))
     stop = total if max_steps is None else max(0, min(total, int(max_steps)))
     device = torch.device(device)
     model = build_detector(cfg).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     fingerprint = data_fingerprint(images, boxes, labels) if checkpoint_path is not None else None
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
-    start = 0
-    last_saved: int | None = None
+    start = last_saved = None
     if ckpt is not None and resume and ckpt.exists():
-        ck = _read_checkpoint(ckpt)
-        saved = ck["config"]
-        now = cfg.to_dict()
-        for key in sorted(set(saved) | set(now)):
-            if saved.get(key) != now.get(key):
-                raise ConfigError(ckpt, f"config.{key}", f"checkpoint was made with {saved.get(key)!r}, the config says "
-                                  f"{now.get(key)!r}; delete the checkpoint or train with resume=False")
-        if ck.get("data") != fingerprint:
-            raise InputError(ckpt, "data", "checkpoint was trained on other images/boxes/labels; delete it or train with resume=False")
-        model.load_state_dict(ck["model"])
-        if "optimizer" in ck:
-            opt.load_state_dict(ck["optimizer"])
-        if "rng" in ck:
-            torch.set_rng_state(ck["rng"])
-        start = last_saved = int(ck.get("step", total))
-        say(f"resumed detector training from {ckpt} at step {start}/{total}")
-    dtype = next(model.parameters()).dtype
-
-    def save(step: int) -> None:
-        if ckpt is None:
-            return
-        save_torch({"format": CHECKPOINT_FORMAT, "step": step, "total_steps": total, "complete": step >= total,
-                      "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                      "rng": torch.get_rng_state(), "data": fingerprint}, ckpt)
-
+        start = last_saved = _resume(ckpt, model, opt, cfg, fingerprint, total, say)
+    start = start or 0
     if start < stop:
         say(f"training detector: {n} images, steps {start}..{stop} of {total} "
             f"({steps_per_epoch(n, cfg.batch_size)}/epoch, batch {cfg.batch_size})")
     bar = tqdm(total=stop, initial=min(start, stop), desc="detector", unit="step", disable=not progress or start >= stop)
     model.train()
-    cache: dict = {}
     t0 = time.time()
+    batches = _device_batches(images, boxes, labels, cfg, start, stop, device, next(model.parameters()).dtype, prefetch)
     try:
-        for step in range(start, stop):
-            idx = _batch_indices(cfg.seed, step, n, cfg.batch_size, cache)
-            x, t = _batch(images, boxes, labels, idx, cfg, step, True, dtype)
-            x, t = x.to(device), t.to(device)
+        for step, (x, t) in zip(range(start, stop), batches):
             lr = lr_at(step, total, cfg)
             loss, parts, gnorm = _train_step(model, opt, x, t, lr, cfg.grad_clip)
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                where = f"; last good checkpoint: {ckpt} (step {last_saved})" if last_saved is not None else ""
-                raise DetectorTrainingError(
-                    f"detector training diverged at step {step}: loss {loss} (heatmap {parts['heatmap']:.4g}, size "
-                    f"{parts['size']:.4g}, offset {parts['offset']:.4g}), gradient norm {gnorm}; try a lower lr "
-                    f"(now {cfg.lr}){where}")
-            if history is not None:
-                history.append({"step": step, "loss": loss, **{k: parts[k] for k in ("heatmap", "size", "offset")},
-                                "lr": lr, "grad_norm": gnorm})
-            bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss:.3f}")
-            if log_every and (step + 1) % log_every == 0:
-                say(f"step {step + 1}/{total} loss {loss:.4f} (heatmap {parts['heatmap']:.4f} size {parts['size']:.4f} "
-                    f"offset {parts['offset']:.4f}) lr {lr:.2e}")
+                raise _diverged(step, loss, parts, gnorm, cfg, ckpt, last_saved)
+            _record_step(step, total, loss, parts, lr, gnorm, history, bar, say, log_every)
             if ckpt is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < stop:
-                save(step + 1)
+                _save(ckpt, step + 1, total, cfg, model, opt, fingerprint)
                 last_saved = step + 1
     finally:
         bar.close()
+        batches.close()
     if start < stop:
-        save(stop)
+        _save(ckpt, stop, total, cfg, model, opt, fingerprint)
         say(f"detector training reached step {stop}/{total} in {time.time() - t0:.1f} s")
     return model.cpu().eval()
 
@@ -381,8 +313,8 @@ def finetune(
     aug_cfg = DetectorConfig.from_dict({**cfg.to_dict(), "seed": seed})
     try:
         for step in tqdm(range(steps), desc="finetune", unit="step", disable=not progress):
-            idx = _batch_indices(seed, step, len(images), bs, cache)
-            x, t = _batch(images, boxes, labels, idx, aug_cfg, step, augment, dtype)
+            idx = batch_indices(seed, step, len(images), bs, cache)
+            x, t = make_batch(images, boxes, labels, idx, aug_cfg, step, augment, dtype)
             x, t = x.to(device), t.to(device)
             loss, parts = compute_loss(model(x), t, cfg)
             if not torch.isfinite(loss):

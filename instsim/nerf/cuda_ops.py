@@ -19,6 +19,7 @@ with respect to the rendered images, not through the NeRF).
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 import torch
@@ -29,8 +30,12 @@ from .occupancy import OccupancyGrid
 
 __all__ = [
     "HashEncode",
+    "HashEncodeHalfTable",
     "composite",
+    "half_table",
     "hash_encode",
+    "kernels_for",
+    "march_inputs",
     "march_packed",
     "render_rays_cuda",
     "render_rays_inference",
@@ -39,7 +44,11 @@ __all__ = [
 ]
 
 
-def _kernels(t: torch.Tensor) -> ModuleType:
+_OFF = ("0", "false", "no", "off")
+
+
+def kernels_for(t: torch.Tensor) -> ModuleType:
+    """The compiled kernels of the GPU that holds ``t``."""
     return load_kernels(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
@@ -49,7 +58,7 @@ class HashEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, table, res, offsets, dense, log2_table: int):  # type: ignore[override]
         x = x.contiguous()
-        out = _kernels(x).hash_encode_forward(x, table, res, offsets, dense, log2_table)
+        out = kernels_for(x).hash_encode_forward(x, table, res, offsets, dense, log2_table)
         ctx.save_for_backward(x, table, res, offsets, dense)
         ctx.log2_table = log2_table
         return out
@@ -59,16 +68,64 @@ class HashEncode(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         x, table, res, offsets, dense = ctx.saved_tensors
         need_x, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_table, grad_x = _kernels(x).hash_encode_backward(
+        grad_table, grad_x = kernels_for(x).hash_encode_backward(
             grad_out.contiguous(), x, table, res, offsets, dense, ctx.log2_table, need_table, need_x
         )
         return (grad_x if need_x else None), (grad_table if need_table else None), None, None, None, None
 
 
+class HashEncodeHalfTable(torch.autograd.Function):
+    """The hash-grid forward from an entry-major half-precision copy of a two-feature table (made by
+    :func:`half_table`), with the table gradient accumulated entry-major and returned as ``(2, S)``: half the
+    gathers' bytes and half the atomics of :class:`HashEncode`. No position gradient (for the training step, whose
+    sample positions need none). Public for its test."""
+
+    @staticmethod
+    def forward(ctx, x, table, table_h2, res, offsets, dense, log2_table: int):  # type: ignore[override]
+        x = x.contiguous()
+        out = kernels_for(x).hash_encode_forward_h2(x, table_h2, res, offsets, dense, log2_table)
+        ctx.save_for_backward(x, res, offsets, dense)
+        ctx.log2_table, ctx.table_size = log2_table, table.shape[1]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, res, offsets, dense = ctx.saved_tensors
+        grad = kernels_for(x).hash_encode_backward_f2(
+            grad_out.float().contiguous(), x, ctx.table_size, res, offsets, dense, ctx.log2_table
+        )
+        return None, grad.t().contiguous(), None, None, None, None, None
+
+
+def half_table(encoding, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """An entry-major ``(S, 2)`` float16 copy of a two-feature float32 table (into ``out`` if given), or None
+    where :class:`HashEncodeHalfTable` does not apply (other feature counts or dtypes, ``INSTSIM_HALF_TABLE=0``)."""
+    table = encoding.table
+    if table.shape[0] != 2 or table.dtype != torch.float32 or os.environ.get("INSTSIM_HALF_TABLE", "1") in _OFF:
+        return None
+    if out is None:
+        out = torch.empty(table.shape[1], 2, dtype=torch.float16, device=table.device)
+    kernels_for(table).hash_table_half2(table.detach(), out)
+    return out
+
+
 def hash_encode(encoding, x01: torch.Tensor) -> torch.Tensor:
     """Hash-grid features ``(N, L * F)`` (level-major) of points ``x01`` ``(N, 3)`` in ``[0, 1]^3`` (clamped;
     a clamped axis gets no gradient), with ``encoding`` a :class:`~instsim.nerf.encoding.HashEncoding` on a
-    GPU. Differentiable in the points and the table; float32 or float64 (the table's dtype)."""
+    GPU. Differentiable in the points and the table; float32 or float64 (the table's dtype). While
+    ``encoding.half_table`` holds a :func:`half_table` copy, points that need no gradient are encoded from it
+    (:class:`HashEncodeHalfTable`)."""
+    if encoding.half_table is not None and not x01.requires_grad:
+        return HashEncodeHalfTable.apply(
+            x01.float(),
+            encoding.table,
+            encoding.half_table,
+            encoding.level_res,
+            encoding.level_offsets,
+            encoding.level_dense,
+            encoding.log2_table,
+        )
     return HashEncode.apply(
         x01.to(encoding.table.dtype),
         encoding.table,
@@ -84,13 +141,13 @@ class _SHEncode(torch.autograd.Function):
     def forward(ctx, d):  # type: ignore[override]
         d = d.contiguous()
         ctx.save_for_backward(d)
-        return _kernels(d).sh_encode_forward(d)
+        return kernels_for(d).sh_encode_forward(d)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         (d,) = ctx.saved_tensors
-        return _kernels(d).sh_encode_backward(grad_out.contiguous(), d)
+        return kernels_for(d).sh_encode_backward(grad_out.contiguous(), d)
 
 
 def sh_encode(d: torch.Tensor) -> torch.Tensor:
@@ -102,7 +159,7 @@ class _Composite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sigma, rgb, t, starts, counts, dt: float, min_transmittance: float):  # type: ignore[override]
         sigma, rgb, t = sigma.contiguous(), rgb.contiguous(), t.contiguous()
-        out_rgb, opacity, depth, n_used = _kernels(sigma).composite_forward(
+        out_rgb, opacity, depth, n_used = kernels_for(sigma).composite_forward(
             sigma, rgb, t, starts, counts, dt, min_transmittance
         )
         ctx.save_for_backward(sigma, rgb, t, starts, n_used, out_rgb, opacity, depth)
@@ -117,7 +174,7 @@ class _Composite(torch.autograd.Function):
         g_rgb = torch.zeros_like(out_rgb) if g_rgb is None else g_rgb.contiguous()
         g_opacity = torch.zeros_like(opacity) if g_opacity is None else g_opacity.contiguous()
         g_depth = torch.zeros_like(depth) if g_depth is None else g_depth.contiguous()
-        grad_sigma, grad_rgb = _kernels(sigma).composite_backward(
+        grad_sigma, grad_rgb = kernels_for(sigma).composite_backward(
             g_rgb, g_opacity, g_depth, sigma, rgb, t, starts, n_used, out_rgb, opacity, depth, ctx.dt
         )
         return grad_sigma, grad_rgb, None, None, None, None, None
@@ -147,7 +204,9 @@ def composite(
     return {"rgb": out_rgb, "opacity": opacity, "depth": depth, "n_used": n_used}
 
 
-def _march_inputs(grid: OccupancyGrid, rays_o: torch.Tensor, rays_d: torch.Tensor, jitter: torch.Tensor | None):
+def march_inputs(grid: OccupancyGrid, rays_o: torch.Tensor, rays_d: torch.Tensor, jitter: torch.Tensor | None):
+    """The march kernels' inputs: float32 contiguous rays, jitter (0.5 when None) and box, and the occupancy as
+    uint8 (a view of the grid's storage)."""
     o = rays_o.detach().float().contiguous()
     d = rays_d.detach().float().contiguous()
     u = torch.full((o.shape[0],), 0.5, device=o.device) if jitter is None else jitter.detach().float().contiguous()
@@ -169,8 +228,8 @@ def march_packed(
     """Every sample of rays ``(R, 3)`` (NeRF units, unit directions) in occupied cells, as
     :func:`~instsim.nerf.rendering.march` chooses them: ``ray`` ``(M,)`` int64, ``t`` ``(M,)`` float32 (sorted
     by ray, then distance), ``starts`` ``(R,)`` int64 and ``counts`` ``(R,)`` int32."""
-    o, d, u, bbox, occ = _march_inputs(grid, rays_o, rays_d, jitter)
-    ray, t, starts, counts = _kernels(o).march_train(o, d, u, bbox, occ, grid.res, float(dt), int(max_samples))
+    o, d, u, bbox, occ = march_inputs(grid, rays_o, rays_d, jitter)
+    ray, t, starts, counts = kernels_for(o).march_train(o, d, u, bbox, occ, grid.res, float(dt), int(max_samples))
     return ray, t, starts, counts
 
 
@@ -210,7 +269,12 @@ def render_rays_packed(
         return _empty_result(rays_o, n_rays, out_dtype)
     if prune:
         with torch.no_grad():
-            sigma0 = model.density(_at_samples(rays_o.detach(), rays_d.detach(), ray, t))[0]
+            enc = model.encoding
+            enc.half_table = half_table(enc)  # this pass only finds where rays stop: half precision is plenty
+            try:
+                sigma0 = model.density(_at_samples(rays_o.detach(), rays_d.detach(), ray, t))[0]
+            finally:
+                enc.half_table = None
             # colour does not change where a ray stops: composite the densities alone
             used = composite(sigma0.float(), torch.zeros(n_evals, 3, device=t.device), t, starts, counts, dt, min_t)["n_used"]
             rank = torch.arange(n_evals, device=t.device) - starts[ray]
@@ -241,11 +305,11 @@ def render_rays_inference(model, rays_o: torch.Tensor, rays_d: torch.Tensor, *, 
     became opaque or left the occupied box, so later steps give the remaining rays more samples each.
     Same samples and stopping rule as :func:`render_rays_packed` (float32). Returns its keys."""
     cfg = model.cfg
-    k = _kernels(rays_o)
+    k = kernels_for(rays_o)
     grid = model.occupancy
     n_rays = rays_o.shape[0]
     dt, min_t = cfg.march_dt, float(cfg.min_transmittance)
-    o, d, u, bbox, occ = _march_inputs(grid, rays_o, rays_d, None)
+    o, d, u, bbox, occ = march_inputs(grid, rays_o, rays_d, None)
     k_cur, k_hi = k.march_init(o, d, u, bbox, dt)
     n_done = torch.zeros_like(k_cur)
     acc_rgb = torch.zeros(n_rays, 3, device=o.device)

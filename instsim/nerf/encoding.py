@@ -157,6 +157,9 @@ class HashEncoding(nn.Module):
         self.register_buffer("level_dense", torch.tensor(dense, dtype=torch.uint8), persistent=False)
         #: ``nerf.backend`` (set by the model): on a GPU, ``auto``/``cuda`` run the CUDA kernel
         self.backend = "torch"
+        #: a half-precision copy of the table that the CUDA path encodes gradient-free points from while it is set
+        #: (:func:`instsim.nerf.cuda_ops.half_table`); None otherwise
+        self.half_table: torch.Tensor | None = None
 
     @property
     def out_dim(self) -> int:

@@ -91,8 +91,9 @@ class InstantNerf(nn.Module):
         return bool(self.cfg.mixed_precision) and self.encoding.table.device.type == "cuda"
 
     def _autocast(self):
-        # bf16 needs no loss scaling; only the MLPs run in it (the table and compositing stay fp32)
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_enabled)
+        # bf16 needs no loss scaling; only the MLPs run in it (the table and compositing stay fp32). No weight-cast
+        # cache: each region uses each weight once, and a cache would break capture as a CUDA graph
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_enabled, cache_enabled=False)
 
     def density(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Density ``(N,)`` (per NeRF unit) and geometry feature ``(N, 1 + geo_feat_dim)`` at NeRF-unit

@@ -118,15 +118,16 @@ class OccupancyGrid(nn.Module):
         occ = self.occupied.view(1, 1, g, g, g).float()
         coarse = F.max_pool3d(occ, kernel_size=c, stride=c) if c > 1 else occ
         coarse = F.max_pool3d(coarse, kernel_size=3, stride=1, padding=1)
-        self.coarse = coarse.view(gc**3) > 0
+        # every buffer is updated in place: a captured CUDA graph (instsim.nerf.cuda_train) reads them by address
+        self.coarse.copy_(coarse.view(gc**3) > 0)
         cells = self.occupied.view(g, g, g).nonzero()
         if cells.numel() == 0:
             # nothing occupied: an empty box (lo > hi), so every ray misses it
-            self.bbox = torch.tensor([[1.0] * 3, [-1.0] * 3], device=self.density.device)
+            self.bbox.copy_(torch.tensor([[1.0] * 3, [-1.0] * 3]))
         else:
             lo = cells.min(0).values.to(self.density.dtype) * self.cell_size - 1.0
             hi = (cells.max(0).values + 1).to(self.density.dtype) * self.cell_size - 1.0
-            self.bbox = torch.stack([lo, hi])
+            self.bbox.copy_(torch.stack([lo, hi]))
 
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: D401 - torch hook
         super()._load_from_state_dict(*args, **kwargs)
@@ -171,6 +172,6 @@ class OccupancyGrid(nn.Module):
         new = torch.cat([density_fn(p).float() for p in pts.split(chunk)]) if cells.numel() else pts.new_zeros(0)
         self.density[cells] = torch.maximum(self.density[cells] * decay, torch.nan_to_num(new, nan=0.0))
         thr = min(float(sigma_threshold), float(self.density.mean()))
-        self.occupied = self.density > thr
+        self.occupied.copy_(self.density > thr)
         self.n_updates += 1
         self.refresh()

@@ -11,6 +11,11 @@ occupancy grid, step, random state and the running samples-per-ray estimate (whi
 restored and training continues to ``cfg.steps``, ending with the same weights, bit for bit on the same CPU
 and thread count, as an uninterrupted run. A non-finite loss stops training, and a checkpoint is never
 written from non-finite weights, so the last checkpoint on disk is always a good one.
+
+With the CUDA kernels a step is :class:`~instsim.nerf.cuda_train.CudaTrainStep` (fixed-size sample buffers,
+replayed as a CUDA graph; its loss and batch-size state are read back every few steps, so a non-finite loss is
+caught within :data:`~instsim.nerf.cuda_train.READBACK_EVERY` steps and always before a checkpoint is
+written); the PyTorch path (any device) is the reference and reads the loss every step.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import csv
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -33,11 +39,11 @@ from .network import InstantNerf
 from .normalization import SceneNormalization
 from .occupancy import device_rand
 from .rendering import render_rays
+from .cuda_train import MIN_RAYS, READBACK_EVERY, CudaTrainStep, NonFiniteLoss
 
-__all__ = ["train_nerf", "resolve_device", "lr_at", "non_finite_parameters", "LOG_COLUMNS"]
+__all__ = ["train_nerf", "resolve_device", "lr_at", "make_optimizer", "non_finite_parameters", "LOG_COLUMNS"]
 
 LOG_COLUMNS = ("step", "loss", "psnr", "rays_per_s", "occupied_fraction", "samples_per_ray", "rays", "lr", "elapsed_s")
-_MIN_RAYS = 64
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,7 +74,10 @@ def _check_camera(views: Views, info: Mapping[str, Any]) -> None:
             )
 
 
-def _make_optimizer(model: InstantNerf, cfg: NerfConfig, device: torch.device) -> torch.optim.Adam:
+def make_optimizer(model: InstantNerf, cfg: NerfConfig, device: torch.device, capturable: bool = False) -> torch.optim.Adam:
+    """Adam over the model's parameters (weight decay on the MLPs only); fused on a GPU. ``capturable``: every
+    group shares one CUDA tensor as its ``lr`` and the step can be captured in a CUDA graph
+    (:mod:`~instsim.nerf.cuda_train`)."""
     # weight decay only on the MLPs: decaying the hash table would pull unvisited entries to 0 for nothing
     groups = [
         {"params": [model.encoding.table], "weight_decay": 0.0},
@@ -80,6 +89,9 @@ def _make_optimizer(model: InstantNerf, cfg: NerfConfig, device: torch.device) -
     kwargs: dict[str, Any] = {"betas": (0.9, 0.99), "eps": 1e-15, "lr": cfg.lr}
     if device.type == "cuda":
         kwargs["fused"] = True
+    if capturable:
+        kwargs["capturable"] = True
+        kwargs["lr"] = torch.tensor(float(cfg.lr), dtype=torch.float32, device=device)
     return torch.optim.Adam(groups, **kwargs)
 
 
@@ -170,7 +182,8 @@ def train_nerf(
         summary dict: ``step``, ``start_step``, ``steps_run``, ``train_time_s`` (this call),
         ``total_time_s`` (all calls), ``loss``, ``psnr`` (last logged, on random backgrounds),
         ``rays_per_s``, ``occupied_fraction``, ``samples_per_ray``, ``device``, ``backend`` (``cuda`` kernels or
-        the ``torch`` path), ``checkpoint``, ``finished``.
+        the ``torch`` path), ``checkpoint``, ``finished``, ``config``, ``cuda_graph_captures`` (0 on the PyTorch
+        path).
 
     Raises:
         InstsimError: non-finite loss (naming the step; the last good checkpoint is kept), a checkpoint
@@ -185,6 +198,241 @@ def train_nerf(
         torch.set_num_threads(threads)  # cfg.threads applies to this call only
 
 
+@dataclass
+class _Run:
+    """The state of one :func:`train_nerf` call, shared by its set-up, resume, step and logging functions."""
+
+    cfg: NerfConfig
+    device: torch.device
+    norm: SceneNormalization
+    intr: Intrinsics
+    model: InstantNerf
+    opt: torch.optim.Adam
+    gen: torch.Generator
+    checkpoint_path: Path
+    state_path: Path
+    stop: int
+    backend: str
+    start: int = 0
+    prior_time: float = 0.0
+    spr: float = float("nan")  # EMA of network samples per ray (NaN until the first step)
+    n_rays: int = 0
+    images: torch.Tensor | None = None  # (N, H, W, 4) on the device
+    poses: torch.Tensor | None = None  # (N, 4, 4) float32 on the device
+    fast: CudaTrainStep | None = None  # the CUDA-graph step, when the model runs the CUDA kernels
+
+
+def _setup(
+    train_views: Views,
+    intrinsics_info: Mapping[str, Any],
+    cfg: NerfConfig,
+    checkpoint_path: str | Path,
+    resume_path: str | Path | None,
+    max_steps: int | None,
+) -> _Run:
+    """Check the camera, build the model (and so pick the backend) and the optimizer, seed the generators."""
+    device = resolve_device(cfg.device)
+    _check_camera(train_views, intrinsics_info)
+    norm = SceneNormalization.from_intrinsics(intrinsics_info)
+    cfg = cfg.replace(max_res=resolve_max_res(cfg, intrinsics_info))
+    checkpoint_path = Path(checkpoint_path)
+    torch.manual_seed(cfg.seed)
+    model = InstantNerf(cfg, norm).to(device)
+    # pick the backend (and build or load the kernels) before the clock starts
+    fast = model.uses_cuda_kernels
+    run = _Run(
+        cfg=cfg,
+        device=device,
+        norm=norm,
+        intr=train_views.intrinsics,
+        model=model,
+        opt=make_optimizer(model, cfg, device, capturable=fast),
+        gen=torch.Generator().manual_seed(cfg.seed + 1),
+        checkpoint_path=checkpoint_path,
+        state_path=Path(resume_path) if resume_path is not None else checkpoint_path,
+        stop=cfg.steps if max_steps is None else min(cfg.steps, int(max_steps)),
+        backend="cuda" if fast else "torch",
+        n_rays=cfg.batch_rays,
+    )
+    if cfg.batch_samples:
+        # before the first grid update every ray marches the whole cube: ~march_steps / 2 samples
+        run.n_rays = max(MIN_RAYS, min(cfg.batch_rays, cfg.batch_samples // max(1, cfg.march_steps // 2)))
+    return run
+
+
+def _resume(run: _Run) -> None:
+    """Restore model, optimizer, grid, random state, step, time and batch-size state from the checkpoint, if
+    one exists; a checkpoint made with other construction settings is an error naming each difference."""
+    resume_from = next((p for p in (run.state_path, run.checkpoint_path) if p.is_file()), None)
+    if resume_from is None:
+        return
+    state = read_checkpoint(resume_from)
+    expect = {
+        "config": {k: run.cfg.to_dict()[k] for k in CONSTRUCTION_KEYS},
+        "normalization": run.norm.to_dict(),
+        "intrinsics": run.intr.to_dict(),
+    }
+    diffs = compare_fields({k: state[k] for k in ("config", "normalization", "intrinsics")}, expect)
+    if diffs:
+        raise InstsimError(
+            f"{resume_from}: cannot resume training, the checkpoint was made with other settings "
+            "(delete it to start over):\n  " + "\n  ".join(diffs)
+        )
+    run.model.load_state_dict(state["model"])
+    run.model.occupancy.refresh()
+    if state.get("optimizer"):
+        _load_optimizer(run.opt, state["optimizer"])
+    if state.get("rng"):
+        run.gen.set_state(state["rng"]["generator"])
+        torch.set_rng_state(state["rng"]["torch"])
+    run.start = int(state["step"])
+    train = state.get("train", {})
+    run.prior_time = float(train.get("elapsed_s", 0.0))
+    run.n_rays = int(train.get("rays_per_batch", run.n_rays))
+    # the EMA of samples per ray steers the batch size; without it a resumed run takes other batches
+    run.spr = float(train.get("samples_per_ray_ema", run.spr))
+
+
+def _load_optimizer(opt: torch.optim.Adam, saved: Mapping[str, Any]) -> None:
+    """Load Adam's moments and steps, keeping this optimizer's own ``lr`` object and fused/capturable flags (a
+    checkpoint of the CUDA-graph step resumes on the PyTorch path and the other way round)."""
+    own = [{k: g[k] for k in ("lr", "capturable", "fused") if k in g} for g in opt.param_groups]
+    opt.load_state_dict(saved)
+    for group, keep in zip(opt.param_groups, own):
+        group.update(keep)
+        if group.get("capturable") or group.get("fused"):
+            for p in group["params"]:
+                st = opt.state.get(p, {})
+                if "step" in st:  # fused and capturable Adam keep the step count on the parameter's device
+                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+
+
+def _update_grid(run: _Run, step: int) -> None:
+    """The occupancy-grid update due before ``step`` (every ``grid_update_every`` steps after the warm-up)."""
+    cfg, model = run.cfg, run.model
+    if step < cfg.grid_warmup or (step - cfg.grid_warmup) % cfg.grid_update_every:
+        return
+    model.occupancy.update(
+        lambda p: model.density(p)[0],
+        decay=cfg.grid_decay,
+        sigma_threshold=-math.log(1.0 - cfg.grid_threshold) / cfg.march_dt,
+        sample_fraction=cfg.grid_sample_fraction,
+        generator=run.gen,
+        full=int(model.occupancy.n_updates) == 0,
+    )
+
+
+def _torch_step(run: _Run, step: int) -> tuple[float, torch.Tensor]:
+    """One step on the reference path (PyTorch, CPU or GPU): random pixels of random views, a render, the
+    loss, Adam, and the batch size of the next step. Returns the loss (read now, so a non-finite one stops
+    training before it reaches the weights) and the MSE (a device tensor). A non-finite loss raises."""
+    cfg, model, opt = run.cfg, run.model, run.opt
+    for group in opt.param_groups:
+        group["lr"] = lr_at(cfg, step)
+    n_rays, images, poses = run.n_rays, run.images, run.poses
+    n_img, h, w = images.shape[:3]
+    rand = device_rand(run.gen, run.device)
+    img = (rand(n_rays) * n_img).long().clamp_(max=n_img - 1)
+    px = (rand(n_rays) * w).long().clamp_(max=w - 1)
+    py = (rand(n_rays) * h).long().clamp_(max=h - 1)
+    jitter = rand(n_rays)
+    bg = rand(n_rays, 3)
+    uv = torch.stack([px, py], dim=-1).float()[:, None, :] + 0.5  # pixel centres, (n, 1, 2)
+    rays_o, rays_d = get_rays(poses[img], run.intr, uv)
+    o = run.norm.to_nerf(rays_o[:, 0])
+    d = rays_d[:, 0]
+    rgba = images[img, py, px]
+    target = rgba[:, :3] * rgba[:, 3:] + bg * (1.0 - rgba[:, 3:])
+    out = render_rays(model, o, d, jitter=jitter)
+    pred = out["rgb"] + (1.0 - out["opacity"])[:, None] * bg
+    mse = torch.mean((pred - target) ** 2)
+    loss = mse if cfg.loss == "l2" else torch.nn.functional.smooth_l1_loss(pred, target, beta=0.1)
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):
+        raise _diverged(run, loss_value, step)
+    opt.zero_grad(set_to_none=True)
+    if loss.requires_grad:  # no sample on any ray (an empty grid) leaves nothing to learn this step
+        loss.backward()
+        opt.step()
+    # adapt the rays per step to the sample budget (EMA of samples per ray)
+    spr_now = int(out["n_evals"]) / n_rays
+    run.spr = spr_now if math.isnan(run.spr) else 0.7 * run.spr + 0.3 * spr_now
+    if cfg.batch_samples:
+        want = cfg.batch_samples / max(run.spr, 1e-3)
+        run.n_rays = int(max(MIN_RAYS, min(cfg.batch_rays, round(want / MIN_RAYS) * MIN_RAYS)))
+    return loss_value, mse
+
+
+def _diverged(run: _Run, loss_value: float, step: int) -> InstsimError:
+    kept = run.state_path if run.state_path.is_file() else "none written yet"
+    return InstsimError(
+        f"NeRF training diverged: loss is {loss_value} at step {step}. The last good checkpoint "
+        f"({kept}) is kept; lower nerf.lr or check the data"
+    )
+
+
+def _readback_due(run: _Run, done: int) -> bool:
+    """When the CUDA-graph step's counters are read: every few steps, at the first steps (so the buffers find
+    their size early), and whenever training logs, checkpoints or stops."""
+    cfg = run.cfg
+    early = done < READBACK_EVERY and done & (done - 1) == 0
+    return (
+        early
+        or done % READBACK_EVERY == 0
+        or done % cfg.log_every == 0
+        or done % cfg.checkpoint_every == 0
+        or done == run.stop
+    )
+
+
+def _save(run: _Run, step: int, elapsed: float, path: Path) -> None:
+    _check_finite_weights(run.model, step, run.state_path)
+    save_checkpoint(
+        path,
+        run.model,
+        step=step,
+        intrinsics=run.intr,
+        optimizer=run.opt,
+        rng=_rng_state(run.gen),
+        train={"elapsed_s": elapsed, "rays_per_batch": run.n_rays, "samples_per_ray_ema": run.spr},
+    )
+
+
+class _Clock:
+    """Training time of this call, and the rays since the last log row; hook time is taken out of both."""
+
+    def __init__(self) -> None:
+        self.start = self.last_log = time.perf_counter()
+        self.rays = 0
+
+    def pause_since(self, t0: float) -> None:
+        paused = time.perf_counter() - t0
+        self.start += paused
+        self.last_log += paused
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _log_step(run: _Run, log: _TsvLog, clock: _Clock, done: int, step: int, loss_value: float, mse: float) -> dict[str, Any]:
+    """Write one log row (:data:`LOG_COLUMNS`) and restart the rays-per-second window."""
+    now = time.perf_counter()
+    row = {
+        "step": done,
+        "loss": loss_value,
+        "psnr": -10.0 * math.log10(max(mse, 1e-10)),
+        "rays_per_s": clock.rays / max(now - clock.last_log, 1e-9),
+        "occupied_fraction": run.model.occupancy.occupied_fraction(),
+        "samples_per_ray": run.spr,
+        "rays": run.n_rays,
+        "lr": lr_at(run.cfg, step),
+        "elapsed_s": run.prior_time + now - clock.start,
+    }
+    log.write(row)
+    clock.last_log, clock.rays = now, 0
+    return row
+
+
 def _train(
     train_views: Views,
     intrinsics_info: Mapping[str, Any],
@@ -196,191 +444,98 @@ def _train(
     resume_path: str | Path | None,
     on_log: Callable[[int, InstantNerf], None] | None,
 ) -> dict[str, Any]:
-    device = resolve_device(cfg.device)
-    _check_camera(train_views, intrinsics_info)
-    norm = SceneNormalization.from_intrinsics(intrinsics_info)
-    cfg = cfg.replace(max_res=resolve_max_res(cfg, intrinsics_info))
-    intr: Intrinsics = train_views.intrinsics
-    checkpoint_path = Path(checkpoint_path)
-    state_path = Path(resume_path) if resume_path is not None else checkpoint_path
-    stop = cfg.steps if max_steps is None else min(cfg.steps, int(max_steps))
-
-    torch.manual_seed(cfg.seed)
-    model = InstantNerf(cfg, norm).to(device)
-    # pick the backend (and build or load the kernels) before the clock starts
-    backend_used = "cuda" if model.uses_cuda_kernels else "torch"
-    opt = _make_optimizer(model, cfg, device)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    start, prior_time = 0, 0.0
-    spr = float("nan")  # EMA of network samples per ray (NaN until the first step)
-    n_rays = cfg.batch_rays
-    if cfg.batch_samples:
-        # before the first grid update every ray marches the whole cube: ~march_steps / 2 samples
-        n_rays = max(_MIN_RAYS, min(cfg.batch_rays, cfg.batch_samples // max(1, cfg.march_steps // 2)))
-
-    resume_from = next((p for p in (state_path, checkpoint_path) if p.is_file()), None)
-    if resume_from is not None:
-        state = read_checkpoint(resume_from)
-        expect = {
-            "config": {k: cfg.to_dict()[k] for k in CONSTRUCTION_KEYS},
-            "normalization": norm.to_dict(),
-            "intrinsics": intr.to_dict(),
-        }
-        diffs = compare_fields({k: state[k] for k in ("config", "normalization", "intrinsics")}, expect)
-        if diffs:
-            raise InstsimError(
-                f"{resume_from}: cannot resume training, the checkpoint was made with other settings "
-                "(delete it to start over):\n  " + "\n  ".join(diffs)
-            )
-        model.load_state_dict(state["model"])
-        model.occupancy.refresh()
-        if state.get("optimizer"):
-            opt.load_state_dict(state["optimizer"])
-        if state.get("rng"):
-            gen.set_state(state["rng"]["generator"])
-            torch.set_rng_state(state["rng"]["torch"])
-        start = int(state["step"])
-        prior_time = float(state.get("train", {}).get("elapsed_s", 0.0))
-        n_rays = int(state.get("train", {}).get("rays_per_batch", n_rays))
-        # the EMA of samples per ray steers the batch size; without it a resumed run takes other batches
-        spr = float(state.get("train", {}).get("samples_per_ray_ema", spr))
-
-    log = _TsvLog(log_tsv_path, start)
-    images = train_views.images.to(device)  # (N, H, W, 4)
-    poses = train_views.poses.to(device=device, dtype=torch.float32)
-    n_img, h, w = images.shape[:3]
-    dt = cfg.march_dt
-    sigma_thr = -math.log(1.0 - cfg.grid_threshold) / dt
+    run = _setup(train_views, intrinsics_info, cfg, checkpoint_path, resume_path, max_steps)
+    _resume(run)
+    cfg, model = run.cfg, run.model
+    log = _TsvLog(log_tsv_path, run.start)
+    run.images = train_views.images.to(run.device)  # (N, H, W, 4)
+    run.poses = train_views.poses.to(device=run.device, dtype=torch.float32)
     model.train()
-
-    def density_fn(p: torch.Tensor) -> torch.Tensor:
-        return model.density(p)[0]
-
-    def checkpoint(step: int, elapsed: float, path: Path) -> None:
-        _check_finite_weights(model, step, state_path)
-        save_checkpoint(
-            path,
-            model,
-            step=step,
-            intrinsics=intr,
-            optimizer=opt,
-            rng=_rng_state(gen),
-            train={"elapsed_s": elapsed, "rays_per_batch": n_rays, "samples_per_ray_ema": spr},
+    if run.backend == "cuda":
+        run.fast = CudaTrainStep(
+            model, run.opt, cfg, run.norm, run.intr, run.images, run.poses, n_rays=run.n_rays, spr=run.spr, step=run.start
         )
-
     bar = None
-    if progress and stop > start:
+    if progress and run.stop > run.start:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=stop, initial=start, desc="nerf", unit="step", dynamic_ncols=True)
-    t_start = time.perf_counter()
-    t_log, rays_since_log = t_start, 0
+        bar = tqdm(total=run.stop, initial=run.start, desc="nerf", unit="step", dynamic_ncols=True)
+    clock = _Clock()
     last: dict[str, Any] = {}
-    step = start
-    for step in range(start, stop):
-        if step >= cfg.grid_warmup and (step - cfg.grid_warmup) % cfg.grid_update_every == 0:
-            model.occupancy.update(
-                density_fn,
-                decay=cfg.grid_decay,
-                sigma_threshold=sigma_thr,
-                sample_fraction=cfg.grid_sample_fraction,
-                generator=gen,
-                full=int(model.occupancy.n_updates) == 0,
-            )
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        # a batch of random pixels of random views
-        rand = device_rand(gen, device)
-        img = (rand(n_rays) * n_img).long().clamp_(max=n_img - 1)
-        px = (rand(n_rays) * w).long().clamp_(max=w - 1)
-        py = (rand(n_rays) * h).long().clamp_(max=h - 1)
-        jitter = rand(n_rays)
-        bg = rand(n_rays, 3)
-        uv = torch.stack([px, py], dim=-1).float()[:, None, :] + 0.5  # pixel centres, (n, 1, 2)
-        rays_o, rays_d = get_rays(poses[img], intr, uv)
-        o = norm.to_nerf(rays_o[:, 0])
-        d = rays_d[:, 0]
-        rgba = images[img, py, px]
-        target = rgba[:, :3] * rgba[:, 3:] + bg * (1.0 - rgba[:, 3:])
-        out = render_rays(model, o, d, jitter=jitter)
-        pred = out["rgb"] + (1.0 - out["opacity"])[:, None] * bg
-        mse = torch.mean((pred - target) ** 2)
-        loss = mse if cfg.loss == "l2" else torch.nn.functional.smooth_l1_loss(pred, target, beta=0.1)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
+    try:
+        for step in range(run.start, run.stop):
+            _update_grid(run, step)
+            row = _one_step(run, log, clock, step, on_log)
+            last = row or last
             if bar is not None:
-                bar.close()
-            raise InstsimError(
-                f"NeRF training diverged: loss is {loss_value} at step {step}. The last good checkpoint "
-                f"({state_path if state_path.is_file() else 'none written yet'}) is kept; lower nerf.lr or check the data"
-            )
-        opt.zero_grad(set_to_none=True)
-        if loss.requires_grad:  # no sample on any ray (an empty grid) leaves nothing to learn this step
-            loss.backward()
-            opt.step()
-
-        # adapt the rays per step to the sample budget (EMA of samples per ray)
-        n_eval = int(out["n_evals"])
-        spr_now = n_eval / n_rays
-        spr = spr_now if math.isnan(spr) else 0.7 * spr + 0.3 * spr_now
-        rays_since_log += n_rays
-        if cfg.batch_samples:
-            want = cfg.batch_samples / max(spr, 1e-3)
-            n_rays = int(max(_MIN_RAYS, min(cfg.batch_rays, round(want / _MIN_RAYS) * _MIN_RAYS)))
-
-        done = step + 1
-        if done % cfg.log_every == 0 or done == stop:
-            now = time.perf_counter()
-            psnr = -10.0 * math.log10(max(float(mse.detach()), 1e-10))
-            last = {
-                "step": done,
-                "loss": loss_value,
-                "psnr": psnr,
-                "rays_per_s": rays_since_log / max(now - t_log, 1e-9),
-                "occupied_fraction": model.occupancy.occupied_fraction(),
-                "samples_per_ray": spr,
-                "rays": n_rays,
-                "lr": lr_at(cfg, step),
-                "elapsed_s": prior_time + now - t_start,
-            }
-            log.write(last)
-            t_log, rays_since_log = now, 0
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.4g}", psnr=f"{psnr:.2f}", occ=f"{last['occupied_fraction']:.3f}")
-            if on_log is not None:
-                t_hook = time.perf_counter()
-                on_log(done, model)
-                model.train()
-                paused = time.perf_counter() - t_hook
-                t_start += paused  # the hook's time is not training time
-                t_log += paused
+                if row:
+                    bar.set_postfix(loss=f"{row['loss']:.4g}", psnr=f"{row['psnr']:.2f}", occ=f"{row['occupied_fraction']:.3f}")
+                bar.update(1)
+    finally:
         if bar is not None:
-            bar.update(1)
-        if done % cfg.checkpoint_every == 0 and done < stop:
-            checkpoint(done, prior_time + time.perf_counter() - t_start, state_path)
-    if bar is not None:
-        bar.close()
-    elapsed = time.perf_counter() - t_start
-    final_step = max(start, stop)
-    finished = final_step >= cfg.steps
-    if stop > start or not checkpoint_path.is_file():
-        checkpoint(final_step, prior_time + elapsed, checkpoint_path if finished else state_path)
-        if finished and state_path != checkpoint_path:
-            state_path.unlink(missing_ok=True)
+            bar.close()
+    return _finish(run, clock, last)
+
+
+def _one_step(
+    run: _Run, log: _TsvLog, clock: _Clock, step: int, on_log: Callable[[int, InstantNerf], None] | None
+) -> dict[str, Any] | None:
+    """Train step ``step``, then log and checkpoint when due. Returns the log row, if one was written."""
+    cfg, done = run.cfg, step + 1
+    loss_value = mse = float("nan")
+    if run.fast is None:
+        n_rays = run.n_rays
+        loss_value, mse_t = _torch_step(run, step)
+        clock.rays += n_rays
+        if done % cfg.log_every == 0 or done == run.stop:
+            mse = float(mse_t.detach())
+    else:
+        run.fast(lr_at(cfg, step), int(torch.randint(0, 2**62, (1,), generator=run.gen)))
+        if _readback_due(run, done):
+            try:
+                r = run.fast.readback()
+            except NonFiniteLoss as e:
+                raise _diverged(run, e.value, e.step) from None
+            run.spr, run.n_rays = r["spr"], r["n_rays"]
+            clock.rays += r["rays"]
+            loss_value, mse = r["loss"], r["mse"]
+    row = None
+    if done % cfg.log_every == 0 or done == run.stop:
+        row = _log_step(run, log, clock, done, step, loss_value, mse)
+        if on_log is not None:
+            t_hook = time.perf_counter()
+            on_log(done, run.model)
+            run.model.train()
+            clock.pause_since(t_hook)  # the hook's time is not training time
+    if done % cfg.checkpoint_every == 0 and done < run.stop:
+        _save(run, done, run.prior_time + clock.elapsed(), run.state_path)
+    return row
+
+
+def _finish(run: _Run, clock: _Clock, last: Mapping[str, Any]) -> dict[str, Any]:
+    """Write the final (or, when stopped early, the periodic) checkpoint and return the summary."""
+    elapsed = clock.elapsed()
+    final_step = max(run.start, run.stop)
+    finished = final_step >= run.cfg.steps
+    if run.stop > run.start or not run.checkpoint_path.is_file():
+        _save(run, final_step, run.prior_time + elapsed, run.checkpoint_path if finished else run.state_path)
+        if finished and run.state_path != run.checkpoint_path:
+            run.state_path.unlink(missing_ok=True)
     return {
         "step": final_step,
-        "start_step": start,
-        "steps_run": final_step - start,
+        "start_step": run.start,
+        "steps_run": final_step - run.start,
         "finished": finished,
         "train_time_s": elapsed,
-        "total_time_s": prior_time + elapsed,
+        "total_time_s": run.prior_time + elapsed,
         "loss": last.get("loss"),
         "psnr": last.get("psnr"),
         "rays_per_s": last.get("rays_per_s"),
-        "occupied_fraction": model.occupancy.occupied_fraction(),
-        "samples_per_ray": None if math.isnan(spr) else spr,
-        "device": str(device),
-        "backend": backend_used,
-        "checkpoint": str(checkpoint_path if finished else state_path),
-        "config": cfg.to_dict(),
+        "occupied_fraction": run.model.occupancy.occupied_fraction(),
+        "samples_per_ray": None if math.isnan(run.spr) else run.spr,
+        "device": str(run.device),
+        "backend": run.backend,
+        "checkpoint": str(run.checkpoint_path if finished else run.state_path),
+        "config": run.cfg.to_dict(),
+        "cuda_graph_captures": run.fast.captures if run.fast is not None else 0,
     }

@@ -44,6 +44,7 @@ def validate_checkpoint(
     min_psnr: float | None = None,
     *,
     comparison_dir: str | Path | None = None,
+    comparisons: list | None = None,
     expect: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
     chunk: int | None = None,
@@ -57,6 +58,8 @@ def validate_checkpoint(
             composited over it.
         min_psnr: ``passed`` is ``psnr >= min_psnr`` (mean over views); None: always passed.
         comparison_dir: if given, ``<file stem>.png`` strips (gt | render | error) are written there.
+        comparisons: if given, each view's strip (uint8 ``(H, 3 W, 3)``) is appended to it, in view order
+            (for a caller that writes them as one image: no PNG per view).
         device: where the model runs.
         chunk: rays per render pass (None: :func:`~instsim.nerf.rendering.render`'s default for the backend).
 
@@ -73,19 +76,24 @@ def validate_checkpoint(
     per_view = []
     for i, (image, pose) in enumerate(zip(test_views.images, test_views.poses)):
         out = render(model, pose.to(dev), test_views.intrinsics, background=bg.to(dev), chunk=chunk)
-        pred = out["rgb"].clamp(0, 1).cpu()
+        pred_dev = out["rgb"].clamp(0, 1)
+        pred = pred_dev.cpu()
         gt = composite_rgba(image, bg)
         name = test_views.file_paths[i] if i < len(test_views.file_paths) else f"view_{i:04d}"
         per_view.append(
             {
                 "file_path": name,
                 "psnr": psnr(pred, gt),
-                "ssim": ssim(pred, gt),
+                "ssim": ssim(pred_dev, gt),  # on the model's device
                 "mask_iou": mask_iou(out["opacity"].cpu(), image[..., 3]),
             }
         )
-        if comparison_dir is not None:
-            write_png(Path(comparison_dir) / f"{Path(name).stem}.png", compare_image(gt, pred))
+        if comparison_dir is not None or comparisons is not None:
+            strip = compare_image(gt, pred)
+            if comparisons is not None:
+                comparisons.append(strip)
+            if comparison_dir is not None:
+                write_png(Path(comparison_dir) / f"{Path(name).stem}.png", strip)
     n = len(per_view)
     mean = lambda k: float(sum(v[k] for v in per_view) / n) if n else float("nan")  # noqa: E731
     result = {

@@ -10,18 +10,17 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 from ..cameras import PoseSpace
 from ..config_fields import FieldChecks, dataclass_from_values, is_number
 from ..errors import ConfigError
-from .implicit import InverseHVPMethod
-from .sampling import RELAXATIONS
+from .estimator import ESTIMATORS
+from .implicit import INVERSE_HVP_METHODS
+from .sampling import HARD_FORWARD_RELAXATIONS, RELAXATIONS
 
 __all__ = ["INVERSE_HVP_METHODS", "PSI_LR_SCHEDULES", "InverseHVPConfig", "NeuralSimConfig", "psi_lr_at"]
 
-#: the inverse-HVP methods of :func:`~instsim.neuralsim.implicit.inverse_hvp` (its ``InverseHVPMethod``)
-INVERSE_HVP_METHODS: tuple[str, ...] = get_args(InverseHVPMethod)
 
 
 @dataclass(frozen=True)
@@ -33,12 +32,16 @@ class InverseHVPConfig:
     k: Hessian-vector products per outer iteration (ignored by ``identity``).
     alpha: Neumann step size.
     damping: added to the Hessian's diagonal (Neumann and CG); keeps CG sane on a non-convex loss.
+    power_iters: Neumann's curvature guard: power-iteration HVPs that estimate ``lambda_max`` so the step is
+        ``min(alpha, 1 / lambda_max)`` (0: ``alpha`` as given, which flips the sign of directions with
+        ``alpha * lambda > 2``).
     """
 
     method: str = "neumann"
     k: int = 5
     alpha: float = 0.01
     damping: float = 0.01
+    power_iters: int = 8
 
 
 #: how the learning rate on psi changes over the outer iterations (:attr:`NeuralSimConfig.psi_lr_schedule`)
@@ -70,6 +73,10 @@ class NeuralSimConfig:
     learned: the pose factors whose distribution is learned; the others stay at their initial
         (uniform) probabilities.
     inverse_hvp: :class:`InverseHVPConfig`.
+    estimator: how ``dL_val/dpsi`` is estimated (:data:`~instsim.neuralsim.estimator.ESTIMATORS`): ``pathwise``
+        (through the renderer, the boxes' dependence on the pose included), ``pathwise_fixed_box`` (the boxes
+        held fixed, Neural-Sim's) or ``score_function`` (each image's influence times the gradient of its bin's
+        log-probability; no render gradient; needs a relaxation whose forward is the hard sample).
     psi_lr: Adam learning rate on the logits psi (the first iteration's, with ``psi_lr_schedule: cosine``).
     psi_lr_schedule: ``constant``, or ``cosine``: iteration ``t`` of ``T`` uses ``psi_lr * (1 + cos(pi (t-1) / T)) / 2``,
         meant to let psi settle instead of random-walking at the end (at psi_lr 0.2 it did worse than constant
@@ -96,8 +103,9 @@ class NeuralSimConfig:
     inner_batch_size: int | None = None
     temperature: float = 2.0
     relaxation: str = "straight_through"
-    learned: tuple[str, ...] = ("azimuth",)
+    learned: tuple[str, ...] = ("azimuth", "elevation", "zoom")
     inverse_hvp: InverseHVPConfig = field(default_factory=InverseHVPConfig)
+    estimator: str = "score_function"
     psi_lr: float = 0.1
     psi_lr_schedule: str = "constant"
     grad_clip: float = 1.0
@@ -147,6 +155,12 @@ class NeuralSimConfig:
         ih_check.ints(ih, ("k",), 0)
         ih_check.numbers(ih, ("alpha",), 0, strict=True)
         ih_check.numbers(ih, ("damping",), 0)
+        ih_check.ints(ih, ("power_iters",), 0)
+        if self.estimator not in ESTIMATORS:
+            bad("estimator", f"must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
+        if self.estimator == "score_function" and self.relaxation not in HARD_FORWARD_RELAXATIONS:
+            bad("estimator", f"score_function needs the rendered pose to be the hard sample of its bin: relaxation "
+                             f"{list(HARD_FORWARD_RELAXATIONS)}, got {self.relaxation!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able dict (``learned`` as a list)."""

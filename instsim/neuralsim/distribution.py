@@ -4,7 +4,7 @@ For every class and every factor of a :class:`~instsim.cameras.PoseSpace` (azimu
 is a categorical distribution over that factor's bins. The factors named in ``learned`` are
 parameterized by a logits :class:`torch.nn.Parameter` of shape ``(bins,)`` (``probs = softmax(logits)``);
 the other factors keep fixed probabilities (a buffer, uniform unless given). The published Neural-Sim
-code learns azimuth only, which is the default here.
+code learns azimuth only; the default here learns all three (as the config's ``neuralsim.learned``).
 
 Saved as ``distribution.json``::
 
@@ -49,7 +49,7 @@ class PoseDistribution(nn.Module):
     Args:
         space: the binned pose space (azimuth and elevation in degrees, zoom = camera distance).
         classes: class names, in the order the detector uses for its labels.
-        learned: the factors whose probabilities are learned (the others stay fixed). Default azimuth only.
+        learned: the factors whose probabilities are learned (the others stay fixed). Default all three.
         init: optional initial probabilities ``{cls: {factor: (bins,)}}``; a missing class or factor is
             uniform. Each given vector must be non-negative and sum to 1 (it is renormalized).
         dtype: dtype of the logits parameters and the fixed-probability buffers.
@@ -63,7 +63,7 @@ class PoseDistribution(nn.Module):
         self,
         space: PoseSpace,
         classes: Sequence[str],
-        learned: Sequence[str] = ("azimuth",),
+        learned: Sequence[str] = PoseSpace.FACTORS,
         init: Mapping[str, Mapping[str, ProbsLike]] | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:

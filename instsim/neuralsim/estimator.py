@@ -12,7 +12,7 @@ estimator (:data:`ESTIMATORS`, config ``neuralsim.estimator``):
       dL_val/dpsi = sum_i g_x,i . dx_i/dpsi + g_b,i . db_i/dpsi,
       (g_x,i, g_b,i) = -d/d(x_i, b_i) [(dL_train/dtheta) . u]     (:func:`pathwise_input_grads`)
 
-  ``db_i/dpsi`` comes from the re-rendered opacity (:func:`~instsim.neuralsim.boxes.soft_boxes`) and ``dl/db``
+  ``db_i/dpsi`` comes from the re-rendered opacity (:func:`~instsim.scene.backgrounds.soft_boxes`) and ``dl/db``
   from size/offset targets that are tensor functions of the box
   (:func:`~instsim.detect.targets.with_box_gradient`). Needs a pose gradient of the renderer.
 * ``pathwise_fixed_box`` -- the same without the ``g_b`` term: the boxes held at the no-grad render's while the
@@ -63,7 +63,7 @@ def pathwise_input_grads(
 
     Returns:
         ``g_x (n, 3, H, W)`` and ``g_b (n, 4)`` (or None): backpropagate them through the re-rendered images and
-        the re-rendered boxes (:func:`~instsim.neuralsim.boxes.soft_boxes`) to psi.
+        the re-rendered boxes (:func:`~instsim.scene.backgrounds.soft_boxes`) to psi.
     """
     if box_term:
         gx, gb = implicit_input_grads(train_loss_fn, params, (images, boxes), u)

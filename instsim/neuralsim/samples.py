@@ -36,11 +36,13 @@ __all__ = [
 class ClassRenderers:
     """What renders each class's images: ``models`` (class -> NeRF, or anything ``renderer`` takes), the
     look-at ``centres`` (class -> ``(3,)`` world point, ``intrinsics.json``'s ``centre``), the detection
-    ``camera`` and the ``renderer`` (default: a NeRF, :func:`instsim.synthesis.render_posed`)."""
+    ``camera``, the ``radii`` (class -> mean training-camera distance, ``intrinsics.json``'s ``radius.mean``: the
+    world units of one unit of zoom) and the ``renderer`` (default: a NeRF, :func:`instsim.synthesis.render_posed`)."""
 
     models: Mapping[str, Any]
     centres: Mapping[str, torch.Tensor]
     camera: DetectionCamera
+    radii: Mapping[str, float]
     renderer: Renderer = field(default=render_posed)
 
     @property
@@ -95,29 +97,35 @@ def render_relaxed(
     temperature: float,
     relaxation: str,
     requires_grad: bool = False,
+    box_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Render the relaxed samples of class ``cls`` over their stored backgrounds.
 
-    The poses are :func:`~instsim.neuralsim.sampling.relaxed_poses` (about the origin) moved to look at the
-    class's centre. Same ``samples`` and same psi give the same images with and without gradient.
+    The poses are :func:`~instsim.neuralsim.sampling.relaxed_poses` (about the origin, at zoom times the class's
+    training-camera distance) moved to look at the class's centre. Same ``samples`` and same psi give the same
+    images with and without gradient.
 
     Args:
         requires_grad: build the graph from the images back to ``dist``'s logits (through the renderer).
+        box_grad: with ``requires_grad``, boxes that carry the gradient too
+            (:func:`~instsim.scene.backgrounds.soft_boxes`; the same boxes forward).
         temperature, relaxation: see :func:`~instsim.neuralsim.sampling.relaxed_pose_values`.
 
     Returns:
         ``images (n, 3, H, W)`` in [0, 1] on the renderer's device, and ``boxes (n, 4)`` (COCO xywh pixels,
-        detached, on the CPU); an image showing nothing has a zero box.
+        detached, on the CPU; with ``box_grad`` differentiable, on the renderer's device); an image showing
+        nothing has a zero box.
     """
     model = renders.models[cls]
     dtype, device = _model_dtype_device(model)
     with torch.set_grad_enabled(requires_grad):
-        _, c2w = relaxed_poses(dist, cls, samples.noise, temperature, relaxation=relaxation)
+        _, c2w = relaxed_poses(dist, cls, samples.noise, temperature, relaxation=relaxation,
+                               class_radius=float(renders.radii[cls]))
         offset = torch.zeros(4, 4, dtype=c2w.dtype, device=c2w.device)
         offset[:3, 3] = torch.as_tensor(renders.centres[cls], dtype=c2w.dtype, device=c2w.device)
         c2w = (c2w + offset).to(device=device, dtype=dtype)  # translate eye and target by the centre
         rgb, boxes = render_detection_images(model, c2w, renders.camera, samples.shifts, samples.backgrounds,
-                                             renders.renderer, requires_grad)
+                                             renders.renderer, requires_grad, box_grad=box_grad and requires_grad)
         images = rgb.permute(0, 3, 1, 2)
     return (images if requires_grad else images.detach()), boxes
 
@@ -163,19 +171,27 @@ def backprop_image_grad(
     temperature: float,
     relaxation: str,
     chunk: int,
+    box_grad: torch.Tensor | None = None,
 ) -> None:
     """Re-render the visible stored samples with gradient, ``chunk`` images at a time, and backpropagate
-    ``image_grad`` (``(n, 3, H, W)``, aligned with ``train.images``) into ``dist``'s logits' ``.grad``
-    (accumulated; nothing is computed for, or left on, the NeRFs' weights)."""
+    ``image_grad`` (``(n, 3, H, W)``, aligned with ``train.images``) and, when given, ``box_grad`` (``(n, 4)``, the
+    gradient with respect to each image's box, through :func:`~instsim.scene.backgrounds.soft_boxes` of the
+    re-rendered opacity) into ``dist``'s logits' ``.grad`` (accumulated; nothing is computed for, or left on, the
+    NeRFs' weights)."""
     start = 0
     for c in dist.classes:
         idx = train.index[c]
         params = [p for p in dist.learned_parameters(c).values() if p.requires_grad]
         for s in range(0, len(idx), chunk):
             part = idx[s:s + chunk]
-            imgs, _ = render_relaxed(renders, dist, c, samples[c][part], temperature, relaxation, requires_grad=True)
-            g = image_grad[start + s:start + s + len(part)].to(device=imgs.device, dtype=imgs.dtype)
-            grads = torch.autograd.grad(imgs, params, grad_outputs=g, allow_unused=True)
+            imgs, boxes = render_relaxed(renders, dist, c, samples[c][part], temperature, relaxation, requires_grad=True,
+                                         box_grad=box_grad is not None)
+            rows = slice(start + s, start + s + len(part))
+            outputs, grads_out = [imgs], [image_grad[rows].to(device=imgs.device, dtype=imgs.dtype)]
+            if box_grad is not None and boxes.requires_grad:
+                outputs.append(boxes)
+                grads_out.append(box_grad[rows].to(device=boxes.device, dtype=boxes.dtype))
+            grads = torch.autograd.grad(outputs, params, grad_outputs=grads_out, allow_unused=True)
             for p, gp in zip(params, grads):
                 if gp is not None:
                     p.grad = gp.detach() if p.grad is None else p.grad + gp.detach()

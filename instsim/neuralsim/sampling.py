@@ -71,12 +71,17 @@ __all__ = [
     "to_pose_sample",
     "is_circular",
     "RELAXATIONS",
+    "HARD_FORWARD_RELAXATIONS",
 ]
 
 FULL_TURN_DEG = 360.0
 
 #: the relaxations :func:`relaxed_pose_values` implements (module docstring)
 RELAXATIONS = ("soft", "straight_through", "neighbour", "neighbour_st")
+
+#: the relaxations whose forward value is exactly the hard (Gumbel-max) sample: the bin ``argmax(l + g)`` at the
+#: jitter's position inside it (what the score-function estimator needs)
+HARD_FORWARD_RELAXATIONS = ("straight_through", "neighbour_st")
 
 
 @dataclass
@@ -184,7 +189,7 @@ def relaxed_pose_values(
 
     Returns:
         ``{factor: (n,)}`` values in the logits' dtype and device: azimuth and elevation in degrees,
-        zoom in world units (camera distance). Same noise and logits give bit-identical values.
+        zoom relative to the class's training-camera distance. Same noise and logits give bit-identical values.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -262,15 +267,20 @@ def relaxed_poses(
     temperature: float,
     hard: bool = False,
     relaxation: str | None = None,
+    class_radius: float = 1.0,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Relaxed values and poses of class ``cls`` of a :class:`PoseDistribution` for stored noise.
 
+    Args:
+        class_radius: the class's mean training-camera distance (``intrinsics.json``'s ``radius.mean``), world units
+            per unit of zoom (1.0: the zoom values are taken as world units, e.g. for a stand-in renderer).
+
     Returns:
-        ``(values, c2w)``: ``{factor: (n,)}`` (degrees / world units) and ``(n, 4, 4)`` camera-to-world
+        ``(values, c2w)``: ``{factor: (n,)}`` (degrees / relative zoom) and ``(n, 4, 4)`` camera-to-world
         poses, both differentiable with respect to ``dist``'s learned logits of class ``cls``.
     """
     values = relaxed_pose_values(dist.logits(cls), noise, temperature, dist.space, hard=hard, relaxation=relaxation)
-    return values, poses_from_values(values)
+    return values, poses_from_values(values, class_radius)
 
 
 def value_bins(values: Mapping[str, torch.Tensor], space: PoseSpace) -> dict[str, torch.Tensor]:
@@ -284,11 +294,12 @@ def value_bins(values: Mapping[str, torch.Tensor], space: PoseSpace) -> dict[str
     return out
 
 
-def poses_from_values(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def poses_from_values(values: Mapping[str, torch.Tensor], class_radius: float = 1.0) -> torch.Tensor:
     """Look-at camera-to-world poses ``(n, 4, 4)`` at the origin from ``{"azimuth": (n,) deg,
-    "elevation": (n,) deg, "zoom": (n,) camera distance}``, differentiable (``pose_from_spherical``)."""
+    "elevation": (n,) deg, "zoom": (n,) relative zoom}``, at camera distance ``zoom * class_radius`` (world units),
+    differentiable (``pose_from_spherical``)."""
     return pose_from_spherical(
-        torch.deg2rad(values["azimuth"]), torch.deg2rad(values["elevation"]), values["zoom"]
+        torch.deg2rad(values["azimuth"]), torch.deg2rad(values["elevation"]), values["zoom"] * float(class_radius)
     )
 
 

@@ -6,14 +6,12 @@
 2. fine-tune theta on those images (``inner_steps`` AdamW steps, no augmentation) from the previous theta,
    or with ``reset_detector`` from the warm-started theta (the loop restores it before the step);
 3. ``v = dL_val/dtheta`` on ``target/val``;
-4. ``u ~ H^-1 v`` with ``H`` the Hessian of the training loss on the rendered images (identity / Neumann /
-   CG, :func:`~instsim.neuralsim.implicit.inverse_hvp`);
-5. per image ``g = -d/dx[(dL_train/dtheta) . u]`` by double backprop
-   (:func:`~instsim.neuralsim.implicit.implicit_image_grad`, **minus sign of the implicit-function
-   theorem included**);
-6. re-render the stored samples in chunks, now with gradient through the renderer to the poses and from the
-   poses to psi (same noise, shifts and backgrounds, same psi: the same images), and backpropagate ``g``:
-   ``psi.grad = dL_val/dpsi``;
+4. ``u ~ H^-1 v`` with ``H`` the Hessian of the training loss on the rendered images (identity / Neumann with
+   its power-iteration curvature guard / CG, :func:`~instsim.neuralsim.implicit.inverse_hvp`);
+5-6. ``dL_val/dpsi`` by ``cfg.estimator`` (:mod:`instsim.neuralsim.hypergradient`): ``pathwise`` backpropagates
+   ``-d/d(x, b)[(dL_train/dtheta) . u]`` (**minus sign of the implicit-function theorem included**) through a
+   re-render of the same samples with gradient to psi, boxes included; ``score_function`` weights each image's
+   influence by the gradient of its bin's log-probability;
 7. clip the gradient norm and take an Adam step on psi, descending ``L_val``.
 
 Without a psi optimizer (the *control*) steps 4-7 are skipped: psi never moves.
@@ -31,21 +29,16 @@ from typing import Any
 import torch
 
 from ..cameras import PoseSpace
-from ..detect import DetectionTargets, DetectorConfig, detection_loss, finetune
-from ..errors import InstsimError
+from ..detect import DetectionTargets, DetectorConfig, finetune
 from ..seeds import derive_seed
 from .config import NeuralSimConfig
 from .distribution import PoseDistribution
-from .implicit import implicit_image_grad, inverse_hvp, make_hvp
+from .hypergradient import NeuralSimError, hypergradient
 from .objective import ValSet, all_finite, detector_targets, flat_norm, val_ap, val_loss_and_grad
-from .samples import ClassRenderers, backprop_image_grad, draw_samples, render_training_set
+from .samples import ClassRenderers, draw_samples, render_training_set
 from .trajectory import psi_state
 
 __all__ = ["BilevelProblem", "LoopState", "NeuralSimError", "outer_step"]
-
-
-class NeuralSimError(InstsimError):
-    """The outer loop produced a non-finite value (the last good checkpoint is kept)."""
 
 
 @dataclass(frozen=True)
@@ -85,40 +78,21 @@ class LoopState:
 
 
 def _hypergradient(iteration: int, problem: BilevelProblem, state: LoopState, cfg: NeuralSimConfig, samples, train,
-                   params: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...]) -> tuple[float, float]:
-    """Steps 4-7: ``dL_val/dpsi`` into ``state.dist``'s ``.grad`` and one psi update; returns
-    ``(|dL_val/dpsi| before clipping, |u|)``."""
-    detector = state.detector
-    x = train.images.to(device=params[0].device, dtype=params[0].dtype)
-    targets = detector_targets(train.boxes, train.labels, x, problem.detector_cfg, x.dtype).to(x.device)
-
-    def train_loss(_params, images):
-        return detection_loss(detector, images, targets)
-
-    ih = cfg.inverse_hvp
-    if ih.method == "identity":
-        u = tuple(t.clone() for t in v)
-    else:
-        u = inverse_hvp(make_hvp(lambda p: train_loss(p, x), params), v, ih.method, ih.k, ih.alpha, ih.damping)
-    if not all_finite(u):
-        raise NeuralSimError(f"Neural-Sim iteration {iteration}: the inverse-HVP is not finite; with Neumann keep "
-                             f"inverse_hvp.alpha * lambda_max(H) < 2 (alpha = {ih.alpha}), or add damping")
-    g = implicit_image_grad(train_loss, params, x, u)  # minus sign included
-    if not bool(torch.isfinite(g).all()):
-        raise NeuralSimError(f"Neural-Sim iteration {iteration}: the image gradient is not finite")
+                   params: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """Steps 4-7: ``dL_val/dpsi`` into ``state.dist``'s ``.grad`` (:func:`~.hypergradient.hypergradient`, by
+    ``cfg.estimator``) and one psi update; returns the logged values ``grad_norm`` (before clipping), ``u_norm``
+    and, with guarded Neumann, ``lambda_max`` and ``hvp_alpha``."""
     dist, opt = state.dist, state.psi_optimizer
-    opt.zero_grad(set_to_none=False)
-    backprop_image_grad(problem.renders, dist, samples, train, g, cfg.temperature, cfg.relaxation, cfg.render_chunk)
+    out = hypergradient(iteration, problem.renders, dist, state.detector, problem.detector_cfg, cfg, samples, train,
+                        params, v)
     ps = [p for p in dist.parameters() if p.grad is not None]
-    grad_norm = flat_norm([p.grad for p in ps]) if ps else 0.0
-    if not math.isfinite(grad_norm):
-        raise NeuralSimError(f"Neural-Sim iteration {iteration}: dL_val/dpsi is not finite (through the renderer)")
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(ps, cfg.grad_clip)
     opt.step()
     if not all_finite([p.detach() for p in dist.parameters()]):
         raise NeuralSimError(f"Neural-Sim iteration {iteration}: psi became non-finite; try a lower neuralsim.psi_lr")
-    return grad_norm, flat_norm(u)
+    return {"grad_norm": out["grad_norm"], "u_norm": out["u_norm"], "lambda_max": out["inverse"].get("lambda_max"),
+            "hvp_alpha": out["inverse"].get("alpha")}
 
 
 def outer_step(iteration: int, problem: BilevelProblem, state: LoopState, cfg: NeuralSimConfig,
@@ -156,7 +130,7 @@ def outer_step(iteration: int, problem: BilevelProblem, state: LoopState, cfg: N
                            "train_loss": history[-1]["loss"] if history else None, "n_images": len(train.images)}
     t_img = time.perf_counter()
     if state.psi_optimizer is not None:
-        row["grad_norm"], row["u_norm"] = _hypergradient(iteration, problem, state, cfg, samples, train, params, v)
+        row.update(_hypergradient(iteration, problem, state, cfg, samples, train, params, v))
     row["hypergrad_seconds"] = time.perf_counter() - t_img
     if compute_ap:
         row["val_AP"] = val_ap(detector, problem.val, dist.classes)

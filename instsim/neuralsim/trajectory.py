@@ -19,7 +19,7 @@ from .distribution import PoseDistribution
 __all__ = ["BASE_COLUMNS", "flatten_row", "psi_state", "trajectory_columns", "write_trajectory"]
 
 BASE_COLUMNS = ("iteration", "val_loss", "val_AP", "grad_norm", "tv_to_target", "train_loss", "v_norm", "u_norm", "n_images",
-                "seconds", "hypergrad_seconds")
+                "seconds", "hypergrad_seconds", "lambda_max", "hvp_alpha")
 
 
 def trajectory_columns(dist: PoseDistribution) -> list[str]:

@@ -20,6 +20,11 @@ from .strategies import detector_config
 
 __all__ = ["check_config", "check_target", "pose_space", "target_distribution", "resolve_device", "gpu_jobs", "nerf_config", "NERF_WORKFLOW_KEYS"]
 
+#: largest ``pose_space.zoom.high`` accepted: zoom is a multiple of each class's training-camera distance, and
+#: beyond a few times that an object covers a handful of pixels; a larger value is most likely a camera distance
+#: in world units from a config written before zoom became relative
+MAX_RELATIVE_ZOOM = 4.0
+
 #: keys of the config's ``nerf`` section that belong to the workflow; all others are NerfConfig fields
 NERF_WORKFLOW_KEYS = ("preset", "min_psnr", "min_mask_iou", "validation_background")
 #: keys of the ``target`` section that belong to one target source only
@@ -41,6 +46,11 @@ def check_config(config: Mapping[str, Any], source: str = "config") -> None:
     """Raise :class:`ConfigError` naming the key for every cross-field problem (the first one found)."""
     pose_space(config, source)  # the bins, checked
     check_target(config, source)
+    zoom_high = config["pose_space"]["zoom"]["high"]
+    if zoom_high > MAX_RELATIVE_ZOOM:
+        raise ConfigError(source, "pose_space.zoom.high", f"{zoom_high} is more than {MAX_RELATIVE_ZOOM} times the training "
+                          "cameras' distance: zoom is relative to each class's mean training-camera distance "
+                          "(intrinsics.json radius.mean), not world units")
     nerf = config.get("nerf")
     if nerf is not None:
         nerf_config(nerf["preset"], {k: v for k, v in nerf.items() if k not in NERF_WORKFLOW_KEYS}, source=source)

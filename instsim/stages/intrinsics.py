@@ -16,7 +16,7 @@ from ..cameras import Intrinsics, project
 from ..errors import InputError
 from ..transforms import Transforms, read_transforms
 
-__all__ = ["look_at_centre", "frustum_bounds", "extract_intrinsics", "CROPPED_VIEW_FRACTION"]
+__all__ = ["look_at_centre", "frustum_bounds", "extract_intrinsics", "camera_radius", "CROPPED_VIEW_FRACTION"]
 
 log = logging.getLogger(__name__)
 
@@ -115,3 +115,15 @@ def extract_intrinsics(transforms: Transforms | str | Path) -> dict[str, Any]:
                   **scene_extra},
         "source": str(tf.path),
     }
+
+
+def camera_radius(info: Any, source: str | Path | None = None) -> float:
+    """The mean training-camera distance of an ``intrinsics.json`` (read from ``source``): the world units of one
+    unit of zoom (:class:`~instsim.cameras.BinnedFactor`). Raises :class:`InputError` naming ``radius.mean``."""
+    try:
+        value = info["radius"]["mean"]
+    except (KeyError, TypeError):
+        raise InputError(source, "radius.mean", "missing (the mean training-camera distance; rerun extract_intrinsics)") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value or value == float("inf"):
+        raise InputError(source, "radius.mean", f"must be a finite number > 0, got {value!r}")
+    return float(value)

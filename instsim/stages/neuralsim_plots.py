@@ -16,7 +16,7 @@ import pandas as pd
 
 from .report import pyplot, save_figure
 
-__all__ = ["plot_control_comparison", "plot_learned_vs_target", "plot_probabilities", "read_trajectory"]
+__all__ = ["plot_control_comparison", "plot_learned_vs_target", "plot_probabilities", "read_trajectory", "tv_per_factor"]
 
 
 def read_trajectory(path: str | Path) -> pd.DataFrame:
@@ -120,14 +120,38 @@ def plot_learned_vs_target(
     save_figure(fig, path)
 
 
-def plot_control_comparison(learned: pd.DataFrame, control: pd.DataFrame, path: str | Path) -> None:
+def tv_per_factor(df: pd.DataFrame, target: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
+    """``{factor: (iterations,)}``: the TV distance to ``target`` of each learned factor over the iterations of a
+    ``trajectory.tsv`` frame, the mean over classes (from its ``p_<cls>_<factor>_<bin>`` columns)."""
+    per: dict[str, list[np.ndarray]] = {}
+    classes = sorted({c[2:].rsplit("_", 2)[0] for c in df.columns if c.startswith("p_")})
+    for cls in classes:
+        by_factor: dict[str, list[str]] = {}
+        for factor, _, col in _learned_columns(df, cls):
+            by_factor.setdefault(factor, []).append(col)
+        for factor, cols in by_factor.items():
+            p = df[cols].to_numpy(dtype=float)
+            t = np.asarray(target[factor], dtype=float)[None, :]
+            per.setdefault(factor, []).append(0.5 * np.abs(p - t).sum(axis=1))
+    return {f: np.mean(v, axis=0) for f, v in per.items()}
+
+
+def plot_control_comparison(learned: pd.DataFrame, control: pd.DataFrame, path: str | Path,
+                            target: Mapping[str, Sequence[float]] | None = None) -> None:
     """Validation loss, validation AP and TV to the target over iterations, for the learned run and the
     control (same loop, psi frozen): a gain of the learned run over the control is the optimization's, not the
-    extra fine-tuning's."""
+    extra fine-tuning's. With the ``target`` distribution, one more panel per learned factor: that factor's TV
+    (mean over classes) for the learned run, the control and the uniform distribution."""
     plt = pyplot()
     panels = [("val_loss", "validation loss (target/val)"), ("val_AP", "COCO AP (target/val)"),
-              ("tv_to_target", "TV distance to target")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+              ("tv_to_target", "TV distance to target (learned factors)")]
+    factor_tv = {}
+    if target is not None:
+        learned_tv, control_tv = tv_per_factor(learned, target), tv_per_factor(control, target)
+        factor_tv = {f: (learned_tv[f], control_tv.get(f)) for f in learned_tv}
+    n = len(panels) + len(factor_tv)
+    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.4), squeeze=False)
+    axes = axes[0]
     for ax, (col, label) in zip(axes, panels):
         for name, df, style in (("psi learned", learned, "-"), ("control: psi frozen", control, "--")):
             if col not in df or df[col].isna().all():
@@ -137,7 +161,19 @@ def plot_control_comparison(learned: pd.DataFrame, control: pd.DataFrame, path: 
         ax.set_xlabel("iteration")
         ax.set_title(label)
         ax.grid(alpha=0.3)
+    for ax, (factor, (tv_l, tv_c)) in zip(axes[len(panels):], factor_tv.items()):
+        ax.plot(learned["iteration"], tv_l, "-", label="psi learned")
+        if tv_c is not None:
+            ax.plot(control["iteration"], tv_c, "--", label="control: psi frozen")
+        bins = len(target[factor])
+        uniform = 0.5 * float(np.abs(np.full(bins, 1.0 / bins) - np.asarray(target[factor], dtype=float)).sum())
+        ax.axhline(uniform, color="grey", ls=":", label="uniform")
+        ax.set_xlabel("iteration")
+        ax.set_title(f"TV to target: {factor}")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     axes[0].legend()
-    fig.suptitle("Neural-Sim vs its control (same samples and fine-tuning, no psi update)")
+    fig.suptitle("Neural-Sim vs its control (same samples and fine-tuning, no psi update) and uniform")
     fig.tight_layout()
     save_figure(fig, path)

@@ -3,7 +3,9 @@
 Workflow scripts are thin: they call :func:`run_stage` with a function of the ``snakemake`` object. A
 user-fixable problem (:class:`~instsim.errors.InstsimError`) becomes one clear line in the log and on
 stderr and a non-zero exit, instead of a traceback. A stage whose rule asks for a ``gpu`` resource first
-claims a GPU of its own (:func:`instsim.gpus.claim_gpu`), so parallel GPU jobs on one host never share one.
+claims a GPU of its own (:func:`instsim.gpus.claim_gpu`). Every stage runs its torch CPU work with as many
+threads as the rule's ``threads`` allows and other processes leave free, re-checked while it runs
+(:class:`instsim.threads.ThreadGovernor`; the log records each choice).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Callable
 
 from ..errors import InstsimError
 from ..gpus import claim_gpu
+from ..threads import ThreadGovernor
 
 __all__ = ["run_stage", "setup_logging", "asks_for_gpu"]
 
@@ -25,7 +28,8 @@ log = logging.getLogger("instsim")
 
 def setup_logging(log_path: str | Path | None, level: int = logging.INFO) -> None:
     """Send instsim's log records to ``log_path`` (if given) and to stderr, with timestamps."""
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    # milliseconds: the GPU claims of parallel jobs are ordered from these lines (benchmarks/check_gpu_claims.py)
+    fmt = logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     root = logging.getLogger("instsim")
     root.setLevel(level)
     root.handlers.clear()
@@ -47,7 +51,8 @@ def asks_for_gpu(snakemake: Any) -> bool:
 def run_stage(snakemake: Any, body: Callable[[Any], None]) -> None:
     """Run ``body(snakemake)`` with logging set up on ``snakemake.log[0]``; exit 1 on :class:`InstsimError`.
 
-    A job with a ``gpu`` resource runs ``body`` holding a GPU of its own (see :mod:`instsim.gpus`)."""
+    A job with a ``gpu`` resource runs ``body`` holding a GPU of its own (see :mod:`instsim.gpus`); torch's CPU
+    threads follow the free cores, at most the job's ``threads`` (see :mod:`instsim.threads`)."""
     log_path = snakemake.log[0] if len(snakemake.log) else None
     setup_logging(log_path)
     name = getattr(snakemake, "rule", "stage")
@@ -55,7 +60,8 @@ def run_stage(snakemake: Any, body: Callable[[Any], None]) -> None:
     log.info("%s: started (wildcards %s)", name, dict(snakemake.wildcards.items()))
     try:
         with claim_gpu() if asks_for_gpu(snakemake) else contextlib.nullcontext():
-            body(snakemake)
+            with ThreadGovernor(max_threads=int(getattr(snakemake, "threads", 1) or 1), log=log.info):
+                body(snakemake)
     except InstsimError as e:
         log.error("%s failed: %s", name, e)
         sys.exit(1)

@@ -23,6 +23,7 @@ from ..detect import DetectorConfig, load_coco
 from ..errors import InputError
 from ..io import read_image, read_json
 from ..nerf.checkpoint import expect_from_intrinsics, load_checkpoint
+from .intrinsics import camera_radius
 
 __all__ = ["STRATEGIES", "strategy_probs", "load_class_nerfs", "load_coco_images", "detector_config"]
 
@@ -66,14 +67,16 @@ def strategy_probs(
 
 def load_class_nerfs(
     checkpoints: Mapping[str, str | Path], intrinsics: Mapping[str, str | Path], device: torch.device | str
-) -> tuple[dict[str, torch.nn.Module], dict[str, torch.Tensor]]:
-    """Load every class's NeRF (checked against its ``intrinsics.json``) and its look-at centre ``(3,)``."""
-    models, centres = {}, {}
+) -> tuple[dict[str, torch.nn.Module], dict[str, torch.Tensor], dict[str, float]]:
+    """Load every class's NeRF (checked against its ``intrinsics.json``), its look-at centre ``(3,)`` and its mean
+    training-camera distance (the world units of one unit of zoom): ``(models, centres, radii)``."""
+    models, centres, radii = {}, {}, {}
     for cls, ckpt in checkpoints.items():
         info = read_json(intrinsics[cls], "intrinsics file")
         models[cls], _ = load_checkpoint(ckpt, expect=expect_from_intrinsics(info), device=device)
         centres[cls] = torch.tensor(info["centre"], dtype=torch.float64)
-    return models, centres
+        radii[cls] = camera_radius(info, intrinsics[cls])
+    return models, centres, radii
 
 
 def load_coco_images(

@@ -47,9 +47,15 @@ def _procedural_renderer(
 
 
 class _FolderViews:
-    """Views of a folder class, picked by the target probability of their pose bin."""
+    """Views of a folder class, picked by the target probability of their pose bin.
 
-    def __init__(self, path: Path, space: PoseSpace, probs: Mapping[str, torch.Tensor], size: int) -> None:
+    A view's zoom is its camera distance over the class's mean training-camera distance (``radius``), as for
+    every class. Views whose elevation or zoom falls outside the pose space's bins get no weight (they are not
+    clamped into the end bins, which would give them a probability they do not have); ``outside`` counts them
+    per factor, and :func:`render_target` logs and records the counts.
+    """
+
+    def __init__(self, path: Path, space: PoseSpace, probs: Mapping[str, torch.Tensor], size: int, radius: float) -> None:
         views, poses = [], []
         for split in ("test", "val"):
             tf_path = path / f"transforms_{split}.json"
@@ -63,21 +69,23 @@ class _FolderViews:
         self.poses = torch.cat(poses)
         az, el, r = spherical_from_pose(self.poses.double(), look_at_centre(self.poses))
         weight = torch.ones(len(images), dtype=torch.float64)
-        outside = torch.zeros(len(images), dtype=torch.bool)
-        for name, value in (("azimuth", torch.rad2deg(az) % 360), ("elevation", torch.rad2deg(el)), ("zoom", r)):
+        inside = torch.ones(len(images), dtype=torch.bool)
+        self.outside: dict[str, int] = {}
+        for name, value in (("azimuth", torch.rad2deg(az) % 360), ("elevation", torch.rad2deg(el)), ("zoom", r / radius)):
             f = space.factor(name)
-            raw = ((value - f.low) / f.width).floor().long()
-            outside |= (raw < 0) | (raw >= f.bins)
-            # a view outside the pose space counts in the nearest edge bin (said below, recorded by render_target)
-            idx = raw.clamp(0, f.bins - 1)
-            weight = weight * probs[name][idx]
-        #: views whose pose lies outside the pose space on some factor, weighted by the nearest edge bin
-        self.outside = int(outside.sum())
-        if self.outside:
-            log.warning("%s: %d of %d views lie outside pose_space; each is weighted by its nearest edge bin",
-                        path, self.outside, len(images))
+            idx = ((value - f.low) / f.width).floor().long()
+            ok = (idx >= 0) & (idx < f.bins)
+            if name == "azimuth" and abs(f.high - f.low - 360.0) < 1e-9:
+                ok = torch.ones_like(ok)  # a full turn: every angle is in a bin (mod 360 above)
+            self.outside[name] = int((~ok).sum())
+            inside &= ok
+            weight = weight * torch.where(ok, probs[name][idx.clamp(0, f.bins - 1)], torch.zeros_like(weight))
+        self.outside["total"] = int((~inside).sum())
+        self.n_views = len(images)
         if not weight.sum() > 0:
-            raise InputError(path, "frames", "no view falls in a pose bin the target distribution gives weight to")
+            raise InputError(path, "frames", f"no view falls in a pose bin the target distribution gives weight to "
+                             f"(views outside the bins: {self.outside} of {len(images)}; zoom is the camera distance over "
+                             f"the training cameras' mean, {radius:.4g})")
         self.weight = weight
         self.images = _square_resize(images, size)
 
@@ -107,15 +115,22 @@ def _shift_image(rgba: torch.Tensor, du: int, dv: int) -> torch.Tensor:
 
 
 def _class_renderers(classes: Mapping[str, Mapping[str, Any]], space: PoseSpace, probs: Mapping[str, torch.Tensor],
-                     size: int, supersample: int, device: str | torch.device) -> dict[str, Any]:
-    """class -> the hand renderer (procedural) or its views picked by target probability (folder)."""
+                     size: int, supersample: int, device: str | torch.device, radii: Mapping[str, float],
+                     split: str) -> dict[str, Any]:
+    """class -> the hand renderer (procedural) or its views picked by target probability (folder; views outside the
+    pose bins are left out and logged)."""
     renderers: dict[str, Any] = {}
     for name in sorted(classes):
         cfg = classes[name]
         if cfg["source"] == "procedural":
             renderers[name] = _procedural_renderer(cfg["gesture"], supersample, device)
         else:
-            renderers[name] = _FolderViews(Path(cfg["path"]).expanduser(), space, probs, size)
+            views = _FolderViews(Path(cfg["path"]).expanduser(), space, probs, size, float(radii[name]))
+            if views.outside["total"]:
+                log.warning("target/%s: class %s: %d of %d views lie outside pose_space and are left out (%s)", split,
+                            name, views.outside["total"], views.n_views,
+                            {k: v for k, v in views.outside.items() if k != "total"})
+            renderers[name] = views
     return renderers
 
 
@@ -158,14 +173,17 @@ def render_target(
     images_dir: str | Path,
     annotations_path: str | Path,
     distribution_path: str | Path,
+    radii: Mapping[str, float],
     progress: bool = True,
     device: str | torch.device = "cpu",
 ) -> dict[str, int]:
     """Render the ``split`` (``val`` or ``test``) of the target domain (procedural classes are ray-traced on
     ``device``; poses, shifts and backgrounds are drawn on the CPU).
 
-    Writes ``images_dir/NNNNN.png`` (RGB), the COCO ``annotations_path`` and ``distribution_path`` (the
-    target pose distribution, read by the oracle baseline). Returns the number of images per class.
+    ``radii`` maps each class to its mean training-camera distance (``intrinsics.json``'s ``radius.mean``): the
+    world units of one unit of zoom. Writes ``images_dir/NNNNN.png`` (RGB), the COCO ``annotations_path`` and
+    ``distribution_path`` (the target pose distribution, read by the oracle baseline; for folder classes also how
+    many of their views fell outside the pose bins and were left out). Returns the number of images per class.
     """
     names = sorted(classes)
     n = int(target_cfg["images"][split])
@@ -176,11 +194,15 @@ def render_target(
     gen = torch.Generator().manual_seed(class_seed(seed, "target", split))
     labels = torch.arange(n) % len(names)
     labels = labels[torch.randperm(n, generator=gen)]
-    poses = space.sample(probs, n, gen).poses()
+    missing = [name for name in names if name not in radii]
+    if missing:
+        raise InputError(None, "radii", f"no training-camera distance for classes {missing}")
+    scale = torch.tensor([float(radii[names[int(k)]]) for k in labels], dtype=torch.float64)
+    poses = space.sample(probs, n, gen).poses(scale)
     shifts = draw_shifts(n, camera.max_shift, gen)
     backgrounds = random_backgrounds(n, size, gen)
 
-    renderers = _class_renderers(classes, space, probs, size, supersample, device)
+    renderers = _class_renderers(classes, space, probs, size, supersample, device, radii, split)
     with atomic_dir(images_dir) as tmp:
         images, annotations, counts = _write_images(tmp, names, labels, renderers, poses, shifts, backgrounds, intr,
                                                     gen, f"target/{split}", progress)
@@ -195,10 +217,13 @@ def render_target(
         "pose_space": space.to_dict(),
         "probabilities": {f: [float(p) for p in probs[f]] for f in space.FACTORS},
         "classes": names,
-        "note": "target pose distribution (independent per factor, shared by all classes)",
+        "note": "target pose distribution (independent per factor, shared by all classes); zoom is relative to "
+                "each class's mean training-camera distance (class_radius)",
+        "class_radius": {name: float(radii[name]) for name in names},
     }
-    outside = {n: r.outside for n, r in renderers.items() if isinstance(r, _FolderViews) and r.outside}
-    if outside:  # folder views outside pose_space: the oracle's distribution is not exactly what they were drawn by
+    outside = {n: {**r.outside, "views": r.n_views} for n, r in renderers.items()
+               if isinstance(r, _FolderViews) and r.outside["total"]}
+    if outside:  # folder views outside pose_space were left out: the target holds only the views inside the bins
         distribution["folder_views_outside_pose_space"] = outside
     write_json(distribution_path, distribution)
     log.info("target/%s: %d images %s", split, n, counts)

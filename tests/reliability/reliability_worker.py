@@ -47,7 +47,8 @@ DETECTOR = dict(image_size=32, num_classes=3, width=4, head_width=4, dilations=(
 #: Neural-Sim: 8 iterations, a checkpoint every 2
 NEURALSIM = {"iterations": 8, "images_per_class": 8, "inner_steps": 2, "inner_lr": 1e-3, "learned": ["elevation"],
              "pretrain_steps": 0, "psi_lr": 0.1, "eval_every": 4, "checkpoint_every": 2, "seed": 0,
-             "temperature": 0.5, "relaxation": "soft", "reset_detector": False}
+             "temperature": 0.5, "relaxation": "soft", "reset_detector": False,
+             "estimator": "pathwise"}
 PACE_S = 0.02
 
 

@@ -62,7 +62,13 @@ def _target(results: Path) -> None:
     classes = {k: cfg["classes"][k] for k in ("fist", "palm")}
     target = {**cfg["target"], "image_size": 16, "supersample": 1, "images": {"val": 4, "test": 4}}
     out = results / "target" / "val"
-    sm = stage_job("render_target", results,
+    intrinsics = []
+    for name in classes:  # only the training-camera distance is read (the unit of zoom)
+        path = results / "data" / name / "intrinsics.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"radius": {"mean": cfg["dataset"]["radius"]}}))
+        intrinsics.append(path)
+    sm = stage_job("render_target", results, input={"intrinsics": intrinsics},
                    output={"images": out / "images", "annotations": out / "annotations.json",
                            "distribution": out / "distribution.json"},
                    params={"classes": classes, "pose_space": cfg["pose_space"], "target": target, "seed": 0,

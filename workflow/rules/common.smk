@@ -55,6 +55,14 @@ TARGET_DISTRIBUTION_KNOWN = TARGET_SOURCE == "rendered" or "distribution_file" i
 GPU_JOBS = gpu_jobs(config["device"])
 
 
+# torch CPU threads a training stage may use (instsim.threads keeps it at the cores nobody else is using). On a CPU
+# run 1: a second thread made a default-size NeRF step 5 % and a detector step 30 % faster on an idle 2-core
+# machine (benchmarks/results/cpu_contention.json), so two one-thread jobs side by side get more done than one
+# job with two. On a GPU run the threads build the detector's batches ahead of the GPU (instsim/detect/train.py).
+STAGE_THREADS = 2 if GPU_JOBS else 1
+DETECTOR_THREADS = 4 if GPU_JOBS else 1
+
+
 def gpu_resources():
     """Resources of a GPU stage: `gpu` (1 when the run uses CUDA, else 0) and, when the config names a
     `gpu_model` and a GPU is asked for, that model (the SLURM plugin turns both into --gpus=<model>:1)."""
@@ -158,9 +166,13 @@ def rendered_target_classes():
 
 
 def render_target_inputs(wildcards):
-    """The datasets render_target draws views from for blender classes (rendered by generate_dataset)."""
+    """The datasets render_target draws views from for blender classes (rendered by generate_dataset), and every
+    class's camera facts (its mean training-camera distance is the world units of one unit of zoom)."""
     blender = [name for name, cls in config["classes"].items() if cls["source"] == "blender"]
-    return {"datasets": expand(res("data/{cls}/transforms_test.json"), cls=blender)}
+    return {
+        "datasets": expand(res("data/{cls}/transforms_test.json"), cls=blender),
+        "intrinsics": expand(res("data/{cls}/intrinsics.json"), cls=CLASSES),
+    }
 
 
 # Neural-Sim's report plots (its distribution.json is an input of the neuralsim strategy's detectors)

@@ -12,7 +12,7 @@ rule train_detector:
         res("logs/train_detector/{strategy}/seed_{seed}.log"),
     benchmark:
         res("benchmarks/train_detector/{strategy}/seed_{seed}.tsv")
-    threads: 2
+    threads: DETECTOR_THREADS
     resources:
         **gpu_resources(),
         mem_mb=lambda wc, attempt: 4000 * attempt,

@@ -12,7 +12,7 @@ rule train_nerf:
         res("logs/train_nerf/{cls}.log"),
     benchmark:
         res("benchmarks/train_nerf/{cls}.tsv")
-    threads: 2
+    threads: STAGE_THREADS
     resources:
         **gpu_resources(),
         mem_mb=lambda wc, attempt: 4000 * attempt,

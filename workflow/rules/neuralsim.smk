@@ -20,7 +20,7 @@ rule optimize_distribution:
         res("logs/optimize_distribution/neuralsim.log"),
     benchmark:
         res("benchmarks/optimize_distribution/neuralsim.tsv")
-    threads: 2
+    threads: STAGE_THREADS
     resources:
         **gpu_resources(),
         mem_mb=lambda wc, attempt: 4000 * attempt,
@@ -43,7 +43,7 @@ rule optimize_distribution_control:
         res("logs/optimize_distribution/neuralsim_control.log"),
     benchmark:
         res("benchmarks/optimize_distribution/neuralsim_control.tsv")
-    threads: 2
+    threads: STAGE_THREADS
     resources:
         **gpu_resources(),
         mem_mb=lambda wc, attempt: 4000 * attempt,
@@ -56,8 +56,10 @@ rule optimize_distribution_control:
 
 rule neuralsim_control_comparison:
     input:
+        **({"target": res("target/val/distribution.json")} if TARGET_DISTRIBUTION_KNOWN else {}),
         learned=res("neuralsim/trajectory.tsv"),
         control=res("neuralsim_control/trajectory.tsv"),
+        # the per-factor TV panels, where the target's pose distribution is known
     output:
         report(
             res("neuralsim/control_comparison.png"),

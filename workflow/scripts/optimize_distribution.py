@@ -6,8 +6,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
-
 from instsim.cameras import PoseSpace
 from instsim.stages.config import resolve_device
 from instsim.errors import InputError
@@ -58,17 +56,16 @@ def _tv(row) -> str:
 
 def optimize(sm):
     classes, p = list(sm.params.classes), sm.params
-    torch.set_num_threads(sm.threads)
     device = resolve_device(p.device)
     space = PoseSpace.from_config(p.pose_space)
     cfg = NeuralSimConfig.from_dict(p.neuralsim, source="config")
-    models, centres = load_class_nerfs(dict(zip(classes, sm.input.checkpoints)), dict(zip(classes, sm.input.intrinsics)), device)
+    models, centres, radii = load_class_nerfs(dict(zip(classes, sm.input.checkpoints)), dict(zip(classes, sm.input.intrinsics)), device)
     coco, images, boxes, labels = load_coco_images(sm.input.annotations, sm.input.images)
     target = _known_target(sm.input.get("distribution"), space)
     det_cfg = detector_config(p.detector["settings"], p.target["image_size"], len(classes), p.run_seed)
     resume = Path(p.resume)
     log_tsv = resume.with_name("trajectory.tsv")
-    renders = ClassRenderers(models, centres, DetectionCamera.from_target_config(p.target))
+    renders = ClassRenderers(models, centres, DetectionCamera.from_target_config(p.target), radii)
     problem = BilevelProblem(renders, space, ValSet(images, boxes, labels, coco), det_cfg, target, device)
     dist, _, rows = optimize_distribution(
         problem, cfg, seed=derive_seed(int(p.run_seed), cfg.seed), checkpoint_path=resume, log_tsv=log_tsv,
@@ -100,7 +97,14 @@ def optimize(sm):
 
 
 def compare(sm):
-    plot_control_comparison(read_trajectory(sm.input.learned), read_trajectory(sm.input.control), sm.output[0])
+    probabilities = None
+    if sm.input.get("target") is not None:  # absent for a COCO target without a known distribution
+        target = read_json(sm.input.target, "target distribution")
+        if not isinstance(target, dict) or "probabilities" not in target:
+            raise InputError(sm.input.target, "probabilities", "missing (target pose distribution)")
+        probabilities = target["probabilities"]
+    plot_control_comparison(read_trajectory(sm.input.learned), read_trajectory(sm.input.control), sm.output[0],
+                            target=probabilities)
 
 
 def main(sm):

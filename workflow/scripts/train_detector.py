@@ -24,14 +24,14 @@ def main(sm):
     device = resolve_device(sm.params.device)
     space = PoseSpace.from_config(sm.params.pose_space)
     probs = strategy_probs(sm.wildcards.strategy, classes, space, sm.input.get("distribution"))
-    models, centres = load_class_nerfs(
+    models, centres, radii = load_class_nerfs(
         dict(zip(classes, sm.input.checkpoints)), dict(zip(classes, sm.input.intrinsics)), device
     )
     det = sm.params.detector
     # the same seed gives every strategy the same backgrounds, shifts and jitter streams
     synth = make_synthetic_set(
         models, centres, probs, space, DetectionCamera.from_target_config(sm.params.target), det["images_per_class"],
-        seed=derive_seed(sm.params.run_seed, seed),
+        seed=derive_seed(sm.params.run_seed, seed), radii=radii,
     )
     log.info("%s: rendered %d training images (%s)", sm.wildcards.strategy, len(synth.images), synth.class_names)
     cfg = detector_config(det["settings"], sm.params.target["image_size"], len(classes), seed)
@@ -41,7 +41,7 @@ def main(sm):
     history = []
     resume = Path(sm.params.resume)
     model = train_detector(
-        images, boxes, labels, cfg, log=log.info, checkpoint_path=resume, history=history, num_threads=sm.threads,
+        images, boxes, labels, cfg, log=log.info, checkpoint_path=resume, history=history,
         device=device,
     )
     save_detector(model, sm.output.model)

@@ -15,8 +15,6 @@ def main(sm):
     p = sm.params.nerf
     device = str(resolve_device(p["device"]))
     cfg = nerf_config(p["preset"], p["overrides"], device=device, seed=p["seed"])
-    if device == "cpu":
-        cfg = cfg.replace(threads=sm.threads)
     # periodic state and the growing log live in resume/, which survives a killed job
     resume = Path(sm.params.resume)
     final, log_tsv = resume.with_name("final.pt"), resume.with_name("train_log.tsv")
