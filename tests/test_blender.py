@@ -90,8 +90,13 @@ def _blender_class(blend, **kw):
 @needs_bpy
 def test_blend_becomes_a_dataset_and_trains_a_valid_nerf(tmp_path, blend_file):
     cfg = tiny_config(classes={"cone": _blender_class(blend_file, object="Cone")})
-    proc = run_snakemake(tmp_path, cfg, "results/nerf/cone/validation.json", "results/data/cone/intrinsics.json")
+    proc = run_snakemake(tmp_path, cfg, "results/nerf/cone/validation.json", "results/data/cone/intrinsics.json",
+                         "results/target/val/annotations.json")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    # a rendered target draws the blender class's own rendered views (it has no renderer for new poses)
+    target = json.loads((tmp_path / "results/target/val/annotations.json").read_text())
+    assert [c["name"] for c in target["categories"]] == ["cone"]
+    assert len(target["annotations"]) == tiny_config()["target"]["images"]["val"]
     data = tmp_path / "results/data/cone"
     views = tiny_config()["dataset"]["views"]
     for split in ("train", "val", "test"):

@@ -25,12 +25,13 @@ def tiny_config(**overrides) -> dict:
 
 def byo_config(**target) -> dict:
     """The tiny config on the real Blender fixture: its lamp and chair BlenderNeRF folders as classes and its
-    COCO splits as the target (images resized from 64 to 48 px), the oracle from its distribution.json;
-    ``target`` replaces keys of the target section."""
+    COCO splits as the target (val: the quirky export, with an image nobody annotated; images resized from 64 to
+    48 px), the oracle from its distribution.json; ``target`` replaces keys of the target section."""
     d = BLENDER_COCO_TINY
     return tiny_config(
         classes={"chair": {"source": "folder", "path": str(d / "chair")}, "lamp": {"source": "folder", "path": str(d / "lamp")}},
-        target={"source": "coco", "image_size": 48, "fov_deg": 39.6, "max_shift": 0.15, "val": str(d / "target" / "val"),
+        target={"source": "coco", "image_size": 48, "fov_deg": 39.6, "max_shift": 0.15, "val": {"annotations": str(d / "target" / "val" / "annotations_quirky.json"),
+                                                           "images": str(d / "target" / "val" / "images")},
                 "test": str(d / "target" / "test"), "distribution_file": str(d / "target" / "val" / "distribution.json"),
                 **target},
     )
