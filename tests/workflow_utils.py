@@ -23,18 +23,26 @@ def tiny_config(**overrides) -> dict:
     return cfg
 
 
+#: the fixture's target zoom bins relative to its classes' training-camera distance (4.0): 2.6-4.4 world units
+BYO_ZOOM = {"bins": 3, "low": 0.65, "high": 1.1}
+
+
 def byo_config(**target) -> dict:
     """The tiny config on the real Blender fixture: its lamp and chair BlenderNeRF folders as classes and its
     COCO splits as the target (val: the quirky export, with an image nobody annotated; images resized from 64 to
-    48 px), the oracle from its distribution.json; ``target`` replaces keys of the target section."""
+    48 px), the oracle from its distribution in relative zoom (DERIVED.md) and the pose space of its bins;
+    ``target`` replaces keys of the target section."""
     d = BLENDER_COCO_TINY
-    return tiny_config(
+    cfg = tiny_config(
         classes={"chair": {"source": "folder", "path": str(d / "chair")}, "lamp": {"source": "folder", "path": str(d / "lamp")}},
-        target={"source": "coco", "image_size": 48, "fov_deg": 39.6, "max_shift": 0.15, "val": {"annotations": str(d / "target" / "val" / "annotations_quirky.json"),
-                                                           "images": str(d / "target" / "val" / "images")},
-                "test": str(d / "target" / "test"), "distribution_file": str(d / "target" / "val" / "distribution.json"),
+        target={"source": "coco", "image_size": 48, "fov_deg": 39.6, "max_shift": 0.15,
+                "val": {"annotations": str(d / "target" / "val" / "annotations_quirky.json"),
+                        "images": str(d / "target" / "val" / "images")},
+                "test": str(d / "target" / "test"), "distribution_file": str(d / "target" / "distribution_relative_zoom.json"),
                 **target},
     )
+    cfg["pose_space"]["zoom"] = dict(BYO_ZOOM)
+    return cfg
 
 
 def run_snakemake(workdir: Path, config: dict | None = None, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:

@@ -377,6 +377,8 @@ def _coco_import_case(damage: Callable[[Path], None]) -> Callable[[Path], Outcom
     def run(tmp: Path) -> Outcome:
         src = tmp / "coco_val"
         shutil.copytree(BLENDER_COCO_TINY / "target" / "val", src)
+        # the oracle's distribution in instsim's relative zoom (DERIVED.md), beside the split
+        shutil.copyfile(BLENDER_COCO_TINY / "target" / "distribution_relative_zoom.json", src / "distribution.json")
         damage(src)
         cfg = byo_config(val=str(src), distribution_file=str(src / "distribution.json"))
         out = tmp / "results" / "target" / "val"
