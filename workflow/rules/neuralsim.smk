@@ -20,6 +20,9 @@ rule optimize_distribution:
         res("logs/optimize_distribution/neuralsim.log"),
     benchmark:
         res("benchmarks/optimize_distribution/neuralsim.tsv")
+    # the longest chain of the run (the loop, then the neuralsim detectors): started before the uniform and
+    # oracle detectors that compete for the same GPU slots (on one H200 they went first and the loop waited)
+    priority: 10
     threads: STAGE_THREADS
     resources:
         **gpu_resources(),
