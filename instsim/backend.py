@@ -26,9 +26,9 @@ from types import ModuleType
 
 import torch
 
-from .errors import InstsimError
+from .errors import ConfigError, InstsimError
 
-__all__ = ["BACKENDS", "DEVICES", "fallback_reason", "KERNEL_DIR", "build_key", "check_toolchain", "kernel_sources", "load_kernels", "uses_cuda"]
+__all__ = ["BACKENDS", "DEVICES", "resolve_device", "fallback_reason", "KERNEL_DIR", "build_key", "check_toolchain", "kernel_sources", "load_kernels", "uses_cuda"]
 
 #: the config's ``nerf.backend`` values (module docstring)
 BACKENDS = ("auto", "cuda", "torch")
@@ -41,6 +41,17 @@ _log = logging.getLogger("instsim.backend")
 #: why ``auto`` took the PyTorch path on a GPU, by device (``"cuda:0"``): the kernels did not load. Stages whose
 #: result depends on the path record it (:func:`fallback_reason`).
 _FALLBACKS: dict[str, str] = {}
+
+
+def resolve_device(name: str, source: str = "config", field: str = "device") -> torch.device:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; a CUDA device without a GPU is a
+    :class:`ConfigError` naming ``source`` and ``field``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(source, field, f"{name!r} was asked for but torch sees no GPU; use 'auto' or 'cpu'")
+    return dev
 
 
 def kernel_sources() -> list[Path]:

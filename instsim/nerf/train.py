@@ -20,40 +20,26 @@ written); the PyTorch path (any device) is the reference and reads the loss ever
 
 from __future__ import annotations
 
-import csv
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
-from ..cameras import Intrinsics, get_rays
-from ..errors import InputError, InstsimError
-from ..io import atomic_path
+from ..cameras import get_rays
+from ..errors import InstsimError
 from ..transforms import Views
-from .checkpoint import compare_fields, read_checkpoint, save_checkpoint
-from .config import CONSTRUCTION_KEYS, NerfConfig, resolve_max_res
+from .config import NerfConfig
 from .network import InstantNerf
-from .normalization import SceneNormalization
+from .train_log import LOG_COLUMNS, TrainClock, TrainLog
+from .train_state import TrainRun, make_optimizer, non_finite_parameters, resume_run, save_state, setup_run
 from .occupancy import device_rand
 from .rendering import render_rays
 from .cuda_train import MIN_RAYS, READBACK_EVERY, CudaTrainStep, NonFiniteLoss
 
-__all__ = ["train_nerf", "resolve_device", "lr_at", "make_optimizer", "non_finite_parameters", "LOG_COLUMNS"]
+__all__ = ["train_nerf", "lr_at", "make_optimizer", "non_finite_parameters", "LOG_COLUMNS"]
 
-LOG_COLUMNS = ("step", "loss", "psnr", "rays_per_s", "occupied_fraction", "samples_per_ray", "rays", "lr", "elapsed_s")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU raises :class:`InstsimError`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InstsimError(f"NeRF config asks for device {name!r} but no CUDA GPU is available")
-    return dev
 
 
 def lr_at(cfg: NerfConfig, step: int) -> float:
@@ -62,91 +48,6 @@ def lr_at(cfg: NerfConfig, step: int) -> float:
     warm = min(1.0, (step + 1) / cfg.lr_warmup) if cfg.lr_warmup > 0 else 1.0
     frac = min(1.0, step / max(1, cfg.steps))
     return cfg.lr * warm * cfg.lr_final_ratio**frac
-
-
-def _check_camera(views: Views, info: Mapping[str, Any]) -> None:
-    """The views and the intrinsics dict must describe the same camera (else the scene bound is wrong)."""
-    intr = views.intrinsics
-    for key in ("w", "h", "fl_x", "fl_y", "cx", "cy"):
-        if key in info and not math.isclose(float(info[key]), float(getattr(intr, key)), rel_tol=1e-4, abs_tol=1e-4):
-            raise InputError(
-                info.get("source"), key, f"intrinsics give {info[key]} but the training views have {getattr(intr, key)}"
-            )
-
-
-def make_optimizer(model: InstantNerf, cfg: NerfConfig, device: torch.device, capturable: bool = False) -> torch.optim.Adam:
-    """Adam over the model's parameters (weight decay on the MLPs only); fused on a GPU. ``capturable``: every
-    group shares one CUDA tensor as its ``lr`` and the step can be captured in a CUDA graph
-    (:mod:`~instsim.nerf.cuda_train`)."""
-    # weight decay only on the MLPs: decaying the hash table would pull unvisited entries to 0 for nothing
-    groups = [
-        {"params": [model.encoding.table], "weight_decay": 0.0},
-        {
-            "params": list(model.density_net.parameters()) + list(model.color_net.parameters()),
-            "weight_decay": cfg.weight_decay,
-        },
-    ]
-    kwargs: dict[str, Any] = {"betas": (0.9, 0.99), "eps": 1e-15, "lr": cfg.lr}
-    if device.type == "cuda":
-        kwargs["fused"] = True
-    if capturable:
-        kwargs["capturable"] = True
-        kwargs["lr"] = torch.tensor(float(cfg.lr), dtype=torch.float32, device=device)
-    return torch.optim.Adam(groups, **kwargs)
-
-
-class _TsvLog:
-    """Append-only training log; on resume, rows after the resumed step (from the killed run) are dropped."""
-
-    def __init__(self, path: str | Path, resume_step: int) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        rows: list[list[str]] = []
-        if resume_step > 0 and self.path.is_file():
-            with self.path.open(newline="") as f:
-                reader = csv.reader(f, delimiter="\t")
-                header = next(reader, None)
-                if header == list(LOG_COLUMNS):
-                    rows = [r for r in reader if r and r[0].isdigit() and int(r[0]) <= resume_step]
-        # rewritten atomically: a kill during the rewrite must not lose the rows before the resumed step
-        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
-            w = csv.writer(f, delimiter="\t", lineterminator="\n")
-            w.writerow(LOG_COLUMNS)
-            w.writerows(rows)
-
-    def write(self, row: Mapping[str, Any]) -> None:
-        with self.path.open("a", newline="") as f:
-            w = csv.writer(f, delimiter="\t", lineterminator="\n")
-            w.writerow([_fmt(row[c]) for c in LOG_COLUMNS])
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def non_finite_parameters(model: torch.nn.Module) -> list[str]:
-    """Names of the parameters and buffers of ``model`` that hold a NaN or infinite value (empty if none)."""
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-
-
-def _check_finite_weights(model: InstantNerf, step: int, kept: Path) -> None:
-    """Refuse to write a checkpoint of a broken model.
-
-    The loss guard catches a NaN forward pass, but a finite loss with a non-finite gradient (an overflow in
-    the backward pass) poisons the weights through Adam one step before the loss shows it; written as a
-    checkpoint, that would replace the last good one and a resume would start from garbage.
-    """
-    bad = non_finite_parameters(model)
-    if bad:
-        raise InstsimError(
-            f"NeRF training diverged: non-finite values in {', '.join(bad[:5])} after step {step}. The last good "
-            f"checkpoint ({kept if kept.is_file() else 'none written yet'}) is kept; lower nerf.lr or check the data"
-        )
-
-
-def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
-    return {"generator": gen.get_state(), "torch": torch.get_rng_state()}
 
 
 def train_nerf(
@@ -198,116 +99,7 @@ def train_nerf(
         torch.set_num_threads(threads)  # cfg.threads applies to this call only
 
 
-@dataclass
-class _Run:
-    """The state of one :func:`train_nerf` call, shared by its set-up, resume, step and logging functions."""
-
-    cfg: NerfConfig
-    device: torch.device
-    norm: SceneNormalization
-    intr: Intrinsics
-    model: InstantNerf
-    opt: torch.optim.Adam
-    gen: torch.Generator
-    checkpoint_path: Path
-    state_path: Path
-    stop: int
-    backend: str
-    start: int = 0
-    prior_time: float = 0.0
-    spr: float = float("nan")  # EMA of network samples per ray (NaN until the first step)
-    n_rays: int = 0
-    images: torch.Tensor | None = None  # (N, H, W, 4) on the device
-    poses: torch.Tensor | None = None  # (N, 4, 4) float32 on the device
-    fast: CudaTrainStep | None = None  # the CUDA-graph step, when the model runs the CUDA kernels
-
-
-def _setup(
-    train_views: Views,
-    intrinsics_info: Mapping[str, Any],
-    cfg: NerfConfig,
-    checkpoint_path: str | Path,
-    resume_path: str | Path | None,
-    max_steps: int | None,
-) -> _Run:
-    """Check the camera, build the model (and so pick the backend) and the optimizer, seed the generators."""
-    device = resolve_device(cfg.device)
-    _check_camera(train_views, intrinsics_info)
-    norm = SceneNormalization.from_intrinsics(intrinsics_info)
-    cfg = cfg.replace(max_res=resolve_max_res(cfg, intrinsics_info))
-    checkpoint_path = Path(checkpoint_path)
-    torch.manual_seed(cfg.seed)
-    model = InstantNerf(cfg, norm).to(device)
-    # pick the backend (and build or load the kernels) before the clock starts
-    fast = model.uses_cuda_kernels
-    run = _Run(
-        cfg=cfg,
-        device=device,
-        norm=norm,
-        intr=train_views.intrinsics,
-        model=model,
-        opt=make_optimizer(model, cfg, device, capturable=fast),
-        gen=torch.Generator().manual_seed(cfg.seed + 1),
-        checkpoint_path=checkpoint_path,
-        state_path=Path(resume_path) if resume_path is not None else checkpoint_path,
-        stop=cfg.steps if max_steps is None else min(cfg.steps, int(max_steps)),
-        backend="cuda" if fast else "torch",
-        n_rays=cfg.batch_rays,
-    )
-    if cfg.batch_samples:
-        # before the first grid update every ray marches the whole cube: ~march_steps / 2 samples
-        run.n_rays = max(MIN_RAYS, min(cfg.batch_rays, cfg.batch_samples // max(1, cfg.march_steps // 2)))
-    return run
-
-
-def _resume(run: _Run) -> None:
-    """Restore model, optimizer, grid, random state, step, time and batch-size state from the checkpoint, if
-    one exists; a checkpoint made with other construction settings is an error naming each difference."""
-    resume_from = next((p for p in (run.state_path, run.checkpoint_path) if p.is_file()), None)
-    if resume_from is None:
-        return
-    state = read_checkpoint(resume_from)
-    expect = {
-        "config": {k: run.cfg.to_dict()[k] for k in CONSTRUCTION_KEYS},
-        "normalization": run.norm.to_dict(),
-        "intrinsics": run.intr.to_dict(),
-    }
-    diffs = compare_fields({k: state[k] for k in ("config", "normalization", "intrinsics")}, expect)
-    if diffs:
-        raise InstsimError(
-            f"{resume_from}: cannot resume training, the checkpoint was made with other settings "
-            "(delete it to start over):\n  " + "\n  ".join(diffs)
-        )
-    run.model.load_state_dict(state["model"])
-    run.model.occupancy.refresh()
-    if state.get("optimizer"):
-        _load_optimizer(run.opt, state["optimizer"])
-    if state.get("rng"):
-        run.gen.set_state(state["rng"]["generator"])
-        torch.set_rng_state(state["rng"]["torch"])
-    run.start = int(state["step"])
-    train = state.get("train", {})
-    run.prior_time = float(train.get("elapsed_s", 0.0))
-    run.n_rays = int(train.get("rays_per_batch", run.n_rays))
-    # the EMA of samples per ray steers the batch size; without it a resumed run takes other batches
-    run.spr = float(train.get("samples_per_ray_ema", run.spr))
-
-
-def _load_optimizer(opt: torch.optim.Adam, saved: Mapping[str, Any]) -> None:
-    """Load Adam's moments and steps, keeping this optimizer's own ``lr`` object and fused/capturable flags (a
-    checkpoint of the CUDA-graph step resumes on the PyTorch path and the other way round)."""
-    own = [{k: g[k] for k in ("lr", "capturable", "fused") if k in g} for g in opt.param_groups]
-    opt.load_state_dict(saved)
-    for group, keep in zip(opt.param_groups, own):
-        group.update(keep)
-        if group.get("capturable") or group.get("fused"):
-            for p in group["params"]:
-                st = opt.state.get(p, {})
-                if "step" in st:  # fused and capturable Adam keep the step count on the parameter's device
-                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
-
-
-def _update_grid(run: _Run, step: int) -> None:
+def _update_grid(run: TrainRun, step: int) -> None:
     """The occupancy-grid update due before ``step`` (every ``grid_update_every`` steps after the warm-up)."""
     cfg, model = run.cfg, run.model
     if step < cfg.grid_warmup or (step - cfg.grid_warmup) % cfg.grid_update_every:
@@ -322,7 +114,7 @@ def _update_grid(run: _Run, step: int) -> None:
     )
 
 
-def _torch_step(run: _Run, step: int) -> tuple[float, torch.Tensor]:
+def _torch_step(run: TrainRun, step: int) -> tuple[float, torch.Tensor]:
     """One step on the reference path (PyTorch, CPU or GPU): random pixels of random views, a render, the
     loss, Adam, and the batch size of the next step. Returns the loss (read now, so a non-finite one stops
     training before it reaches the weights) and the MSE (a device tensor). A non-finite loss raises."""
@@ -363,7 +155,7 @@ def _torch_step(run: _Run, step: int) -> tuple[float, torch.Tensor]:
     return loss_value, mse
 
 
-def _diverged(run: _Run, loss_value: float, step: int) -> InstsimError:
+def _diverged(run: TrainRun, loss_value: float, step: int) -> InstsimError:
     kept = run.state_path if run.state_path.is_file() else "none written yet"
     return InstsimError(
         f"NeRF training diverged: loss is {loss_value} at step {step}. The last good checkpoint "
@@ -371,7 +163,7 @@ def _diverged(run: _Run, loss_value: float, step: int) -> InstsimError:
     )
 
 
-def _readback_due(run: _Run, done: int) -> bool:
+def _readback_due(run: TrainRun, done: int) -> bool:
     """When the CUDA-graph step's counters are read: every few steps, at the first steps (so the buffers find
     their size early), and whenever training logs, checkpoints or stops."""
     cfg = run.cfg
@@ -385,36 +177,7 @@ def _readback_due(run: _Run, done: int) -> bool:
     )
 
 
-def _save(run: _Run, step: int, elapsed: float, path: Path) -> None:
-    _check_finite_weights(run.model, step, run.state_path)
-    save_checkpoint(
-        path,
-        run.model,
-        step=step,
-        intrinsics=run.intr,
-        optimizer=run.opt,
-        rng=_rng_state(run.gen),
-        train={"elapsed_s": elapsed, "rays_per_batch": run.n_rays, "samples_per_ray_ema": run.spr},
-    )
-
-
-class _Clock:
-    """Training time of this call, and the rays since the last log row; hook time is taken out of both."""
-
-    def __init__(self) -> None:
-        self.start = self.last_log = time.perf_counter()
-        self.rays = 0
-
-    def pause_since(self, t0: float) -> None:
-        paused = time.perf_counter() - t0
-        self.start += paused
-        self.last_log += paused
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-
-def _log_step(run: _Run, log: _TsvLog, clock: _Clock, done: int, step: int, loss_value: float, mse: float) -> dict[str, Any]:
+def _log_step(run: TrainRun, log: TrainLog, clock: TrainClock, done: int, step: int, loss_value: float, mse: float) -> dict[str, Any]:
     """Write one log row (:data:`LOG_COLUMNS`) and restart the rays-per-second window."""
     now = time.perf_counter()
     row = {
@@ -444,10 +207,10 @@ def _train(
     resume_path: str | Path | None,
     on_log: Callable[[int, InstantNerf], None] | None,
 ) -> dict[str, Any]:
-    run = _setup(train_views, intrinsics_info, cfg, checkpoint_path, resume_path, max_steps)
-    _resume(run)
+    run = setup_run(train_views, intrinsics_info, cfg, checkpoint_path, resume_path, max_steps)
+    resume_run(run)
     cfg, model = run.cfg, run.model
-    log = _TsvLog(log_tsv_path, run.start)
+    log = TrainLog(log_tsv_path, run.start)
     run.images = train_views.images.to(run.device)  # (N, H, W, 4)
     run.poses = train_views.poses.to(device=run.device, dtype=torch.float32)
     model.train()
@@ -460,7 +223,7 @@ def _train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=run.stop, initial=run.start, desc="nerf", unit="step", dynamic_ncols=True)
-    clock = _Clock()
+    clock = TrainClock()
     last: dict[str, Any] = {}
     try:
         for step in range(run.start, run.stop):
@@ -478,7 +241,7 @@ def _train(
 
 
 def _one_step(
-    run: _Run, log: _TsvLog, clock: _Clock, step: int, on_log: Callable[[int, InstantNerf], None] | None
+    run: TrainRun, log: TrainLog, clock: TrainClock, step: int, on_log: Callable[[int, InstantNerf], None] | None
 ) -> dict[str, Any] | None:
     """Train step ``step``, then log and checkpoint when due. Returns the log row, if one was written."""
     cfg, done = run.cfg, step + 1
@@ -508,17 +271,17 @@ def _one_step(
             run.model.train()
             clock.pause_since(t_hook)  # the hook's time is not training time
     if done % cfg.checkpoint_every == 0 and done < run.stop:
-        _save(run, done, run.prior_time + clock.elapsed(), run.state_path)
+        save_state(run, done, run.prior_time + clock.elapsed(), run.state_path)
     return row
 
 
-def _finish(run: _Run, clock: _Clock, last: Mapping[str, Any]) -> dict[str, Any]:
+def _finish(run: TrainRun, clock: TrainClock, last: Mapping[str, Any]) -> dict[str, Any]:
     """Write the final (or, when stopped early, the periodic) checkpoint and return the summary."""
     elapsed = clock.elapsed()
     final_step = max(run.start, run.stop)
     finished = final_step >= run.cfg.steps
     if run.stop > run.start or not run.checkpoint_path.is_file():
-        _save(run, final_step, run.prior_time + elapsed, run.checkpoint_path if finished else run.state_path)
+        save_state(run, final_step, run.prior_time + elapsed, run.checkpoint_path if finished else run.state_path)
         if finished and run.state_path != run.checkpoint_path:
             run.state_path.unlink(missing_ok=True)
     return {

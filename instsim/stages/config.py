@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..backend import resolve_device
 from ..cameras import PoseSpace
 from ..errors import ConfigError
 from ..nerf.config import NerfConfig
@@ -124,15 +125,6 @@ def check_target(config: Mapping[str, Any], source: str = "config") -> None:
         raise ConfigError(source, "strategies", "'oracle' trains on the target's true pose distribution, which a COCO "
                           "target does not come with: give it as target.distribution_file (a distribution.json of "
                           "the form render_target writes) or drop 'oracle' from strategies")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config", "device", "'cuda' was asked for but torch sees no GPU; use 'auto' or 'cpu'")
-    return torch.device(device)
 
 
 def gpu_jobs(device: str) -> int:
