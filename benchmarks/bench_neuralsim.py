@@ -26,7 +26,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from instsim.cameras import PoseSpace  # noqa: E402
+from instsim.poses import PoseSpace  # noqa: E402
 from instsim.stages.config import resolve_device  # noqa: E402
 from instsim.io import read_json  # noqa: E402
 from instsim.neuralsim.config import NeuralSimConfig  # noqa: E402

@@ -32,7 +32,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from instsim.cameras import PoseSpace
+from instsim.poses import PoseSpace
 from instsim.detect import (
     DetectorConfig,
     detection_loss,

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from instsim.detect import DetectorConfig, detection_loss, finetune, train_detector  # noqa: E402
 from instsim.detect.train import param_groups  # noqa: E402
-from instsim.cameras import PoseSpace  # noqa: E402
+from instsim.poses import PoseSpace  # noqa: E402
 from instsim.io import read_json  # noqa: E402
 from instsim.neuralsim.config import InverseHVPConfig, NeuralSimConfig  # noqa: E402
 from instsim.neuralsim.distribution import PoseDistribution  # noqa: E402

@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
-from .cameras import Intrinsics, PoseSpace, pixel_centres
+from .cameras import Intrinsics, pixel_centres
+
+from .poses import PoseSpace
 from .nerf.rendering import render
 from .scene.backgrounds import BOX_OPACITY, boxes_from_alpha, composite_premultiplied, random_backgrounds, soft_boxes
 from .seeds import class_seed

@@ -6,7 +6,6 @@ import torch
 
 from instsim.cameras import (
     Intrinsics,
-    PoseSpace,
     get_rays,
     look_at,
     pose_from_spherical,
@@ -16,6 +15,7 @@ from instsim.cameras import (
     spherical_from_pose,
 )
 from instsim.errors import InputError
+from instsim.poses import PoseSpace
 
 from conftest import BLENDERNERF_TINY
 

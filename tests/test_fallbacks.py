@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from instsim import backend
-from instsim.cameras import Intrinsics, PoseSpace, pose_from_spherical
+from instsim.cameras import Intrinsics, pose_from_spherical
+from instsim.poses import PoseSpace
 from instsim.errors import InputError, InstsimError
 from instsim.nerf.config import NerfConfig
 from instsim.nerf.network import InstantNerf

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from instsim.cameras import BinnedFactor, PoseSample, PoseSpace
+from instsim.poses import BinnedFactor, PoseSample, PoseSpace
 from instsim.errors import InputError
 from instsim.neuralsim import (
     RELAXATIONS,

@@ -14,7 +14,9 @@ import math
 import pytest
 import torch
 
-from instsim.cameras import Intrinsics, PoseSpace
+from instsim.cameras import Intrinsics
+
+from instsim.poses import PoseSpace
 from instsim.detect.targets import encode_targets, with_box_gradient
 from instsim.neuralsim import PoseDistribution, draw_noise, hard_bins, relaxed_poses
 from instsim.scene.backgrounds import soft_boxes

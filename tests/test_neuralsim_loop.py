@@ -15,7 +15,9 @@ import math
 import pytest
 import torch
 
-from instsim.cameras import Intrinsics, PoseSpace
+from instsim.cameras import Intrinsics
+
+from instsim.poses import PoseSpace
 from instsim.detect import DetectorConfig
 from instsim.errors import ConfigError
 from instsim.nerf.config import NerfConfig

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from instsim.backend import BACKENDS, DEVICES
-from instsim.cameras import BinnedFactor, PoseSpace
+from instsim.poses import BinnedFactor, PoseSpace
 from instsim.detect import DetectorConfig
 from instsim.errors import InputError
 from instsim.nerf.config import PRESETS, NerfConfig

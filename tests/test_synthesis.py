@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from instsim.cameras import PoseSpace
+from instsim.poses import PoseSpace
 from instsim.neuralsim import PoseDistribution, RelaxedSample
 from instsim.neuralsim.samples import ClassRenderers, ClassSamples, render_relaxed
 from instsim.scene.backgrounds import random_backgrounds

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from instsim.cameras import PoseSpace
+from instsim.poses import PoseSpace
 from instsim.errors import InputError
 from instsim.stages.intrinsics import camera_radius, extract_intrinsics
 from instsim.stages.target import _FolderViews

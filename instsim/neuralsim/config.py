@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..cameras import PoseSpace
+from ..poses import PoseSpace
 from ..config_fields import FieldChecks, dataclass_from_values, is_number
 from ..errors import ConfigError
 from .estimator import ESTIMATORS

@@ -1,6 +1,6 @@
 """The pose distribution psi that Neural-Sim learns: per class, independent categoricals over binned factors.
 
-For every class and every factor of a :class:`~instsim.cameras.PoseSpace` (azimuth, elevation, zoom) there
+For every class and every factor of a :class:`~instsim.poses.PoseSpace` (azimuth, elevation, zoom) there
 is a categorical distribution over that factor's bins. The factors named in ``learned`` are
 parameterized by a logits :class:`torch.nn.Parameter` of shape ``(bins,)`` (``probs = softmax(logits)``);
 the other factors keep fixed probabilities (a buffer, uniform unless given). The published Neural-Sim
@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..cameras import PoseSample, PoseSpace
+from ..poses import PoseSample, PoseSpace
 from ..errors import InputError
 
 __all__ = ["PoseDistribution", "tv_distance", "LOGIT_FLOOR_PROB"]

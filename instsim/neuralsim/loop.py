@@ -211,7 +211,7 @@ class _Run:
 
     def iterate(self, stop: int, update_psi: bool, progress: bool, on_iteration) -> None:
         """Outer iterations ``start+1 .. stop``, then the final checkpoint."""
-        cfg, state, start = self.cfg, self.state, self.start_iteration
+        cfg, start = self.cfg, self.start_iteration
         mode = "Neural-Sim" if update_psi else "Neural-Sim control (psi frozen)"
         if start < stop:
             self.say(f"{mode}: iterations {start + 1}..{stop} of {cfg.iterations}, {cfg.images_per_class} images per "

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cameras import PoseSpace
+from ..poses import PoseSpace
 from ..io import load_torch
 from .objective import ValSet
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..cameras import PoseSpace
+from ..poses import PoseSpace
 from ..scene.backgrounds import random_backgrounds
 from ..synthesis import DetectionCamera, Renderer, draw_shifts, render_detection_images, render_posed
 from .distribution import PoseDistribution

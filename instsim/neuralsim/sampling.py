@@ -57,7 +57,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..cameras import BinnedFactor, PoseSample, PoseSpace, pose_from_spherical
+from ..cameras import pose_from_spherical
+
+from ..poses import BinnedFactor, PoseSample, PoseSpace
 from .distribution import PoseDistribution
 
 __all__ = [

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..cameras import PoseSpace
+from ..poses import PoseSpace
 from ..detect import DetectionTargets, DetectorConfig, finetune
 from ..seeds import derive_seed
 from .config import NeuralSimConfig

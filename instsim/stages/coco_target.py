@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cameras import PoseSpace
+from ..poses import PoseSpace
 from ..detect.coco import BOX_BORDER_TOLERANCE, validate_coco
 from ..errors import ConfigError, InputError
 from ..io import atomic_dir, read_image_rgba, read_json, write_json, write_png

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from ..backend import resolve_device
-from ..cameras import PoseSpace
+from ..poses import PoseSpace
 from ..errors import ConfigError
 from ..nerf.config import NerfConfig
 from ..neuralsim.config import NeuralSimConfig
@@ -34,7 +34,7 @@ TARGET_KEYS_OF = {"rendered": ("images", "supersample", "distribution"),
 
 
 def pose_space(config: Mapping[str, Any], source: str = "config") -> PoseSpace:
-    """The config's binned pose space (checked: :meth:`~instsim.cameras.PoseSpace.from_config`)."""
+    """The config's binned pose space (checked: :meth:`~instsim.poses.PoseSpace.from_config`)."""
     return PoseSpace.from_config(config["pose_space"], source=source)
 
 

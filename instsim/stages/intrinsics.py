@@ -119,7 +119,7 @@ def extract_intrinsics(transforms: Transforms | str | Path) -> dict[str, Any]:
 
 def camera_radius(info: Any, source: str | Path | None = None) -> float:
     """The mean training-camera distance of an ``intrinsics.json`` (read from ``source``): the world units of one
-    unit of zoom (:class:`~instsim.cameras.BinnedFactor`). Raises :class:`InputError` naming ``radius.mean``."""
+    unit of zoom (:class:`~instsim.poses.BinnedFactor`). Raises :class:`InputError` naming ``radius.mean``."""
     try:
         value = info["radius"]["mean"]
     except (KeyError, TypeError):

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..cameras import PoseSpace
+from ..poses import PoseSpace
 from ..detect import DetectorConfig, load_coco
 from ..errors import InputError
 from ..io import read_image, read_json

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..scene.backgrounds import BOX_OPACITY, boxes_from_alpha, composite, random_backgrounds
-from ..cameras import Intrinsics, PoseSpace, spherical_from_pose
+from ..cameras import Intrinsics, spherical_from_pose
+from ..poses import PoseSpace
 from ..seeds import class_seed
 from ..synthesis import DetectionCamera, draw_shifts
 from ..errors import InputError

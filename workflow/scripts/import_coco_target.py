@@ -1,6 +1,6 @@
 """import_coco_target: one split of the user's COCO target set, checked and resized into results/target/{split}."""
 
-from instsim.cameras import PoseSpace
+from instsim.poses import PoseSpace
 from instsim.io import write_json
 from instsim.stages.coco_target import DEFAULT_RESIZE, coco_source, import_coco_target, read_target_distribution
 from instsim.stages.runner import run_stage

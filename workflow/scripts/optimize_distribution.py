@@ -6,7 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from instsim.cameras import PoseSpace
+from instsim.poses import PoseSpace
 from instsim.stages.config import resolve_device
 from instsim.errors import InputError
 from instsim.io import atomic_path, read_json, write_json

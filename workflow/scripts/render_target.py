@@ -1,6 +1,6 @@
 """render_target: the detection target domain (one split) with COCO annotations."""
 
-from instsim.cameras import PoseSpace
+from instsim.poses import PoseSpace
 from instsim.io import read_json
 from instsim.stages.config import resolve_device
 from instsim.stages.intrinsics import camera_radius

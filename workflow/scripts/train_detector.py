@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from instsim.cameras import PoseSpace
+from instsim.poses import PoseSpace
 from instsim.stages.config import resolve_device
 from instsim.detect import save_detector, train_detector
 from instsim.io import atomic_path, to_uint8, write_png
