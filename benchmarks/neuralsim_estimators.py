@@ -71,14 +71,16 @@ def _val_loss(model, ctx) -> float:
     return val_loss_and_grad(model, params, ctx["val"], ctx["val_targets"])[0]
 
 
-def ground_truth(ctx, warm, steps, n, lr, seeds) -> dict:
-    """Per factor: val loss after fine-tuning on each single bin's renders, and the centred direction."""
+def ground_truth(ctx, warm, steps, n, lr, seeds, mix: float = 1.0) -> dict:
+    """Per factor: val loss after fine-tuning on each bin's renders, and the centred direction. ``mix``: the share of
+    the fine-tuning set in that bin (1: single bin; below 1 the rest is uniform, a smaller, more local move of psi)."""
     space, out = ctx["space"], {}
     for f in space.FACTORS:
         losses = []
         for b in range(space.factor(f).bins):
             uni = {k: v.clone() for k, v in space.uniform().items()}
-            uni[f] = torch.nn.functional.one_hot(torch.tensor(b), space.factor(f).bins).double()
+            one = torch.nn.functional.one_hot(torch.tensor(b), space.factor(f).bins).double()
+            uni[f] = mix * one + (1.0 - mix) * uni[f]
             vals = []
             for s in seeds:
                 x, bx, lb = _synth(ctx, {c: uni for c in ctx["classes"]}, n, seed=777 + s)
@@ -96,7 +98,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
 
 
-def measure(ctx, warm, ns: NeuralSimConfig, draws: int, gt: dict, inverse_draws: int) -> tuple[dict, dict]:
+def measure(ctx, warm, ns: NeuralSimConfig, draws: int, gt: dict, inverse_draws: int, on_draw=None) -> tuple[dict, dict]:
     space, classes = ctx["space"], ctx["classes"]
     gen = generator(ns.seed, 99)
     grads = {e: {f: [] for f in space.FACTORS} for e in ESTIMATORS}
@@ -141,6 +143,14 @@ def measure(ctx, warm, ns: NeuralSimConfig, draws: int, gt: dict, inverse_draws:
             inv_rows.append(row)
             print("inverse", json.dumps(row), flush=True)
         print(f"draw {d + 1}/{draws} done", flush=True)
+        if on_draw is not None:
+            on_draw(*summarize(space, grads, secs, inv_rows, gt), d + 1)
+    return summarize(space, grads, secs, inv_rows, gt)
+
+
+def summarize(space: PoseSpace, grads: dict, secs: dict, inv_rows: list, gt: dict) -> tuple[dict, dict]:
+    """Per estimator and factor: the mean gradient's cosine with the ground truth, the share of single class-draws
+    with a positive cosine, the relative standard error; per inverse HVP: the influence cosine with CG-50."""
     res = {}
     for e in ESTIMATORS:
         res[e] = {"seconds_per_estimate": sum(secs[e]) / len(secs[e])}
@@ -175,6 +185,8 @@ def main() -> None:
     ap.add_argument("--ft-steps", type=int, default=20)
     ap.add_argument("--ft-images", type=int, default=24)
     ap.add_argument("--ft-seeds", type=int, default=2)
+    ap.add_argument("--ft-mix", type=float, default=1.0, help="share of the ground truth's fine-tuning set in the bin")
+    ap.add_argument("--inverse-hvp", default=None, help="JSON overrides of neuralsim.inverse_hvp for the shared u")
     ap.add_argument("--draws", type=int, default=8)
     ap.add_argument("--inverse-draws", type=int, default=2, help="draws on which the inverse HVPs are compared")
     ap.add_argument("--out", type=Path, default=None)
@@ -192,7 +204,10 @@ def main() -> None:
     ctx = {"classes": classes, "space": space, "models": models, "centres": centres, "radii": radii, "camera": camera,
            "renders": ClassRenderers(models, centres, camera, radii), "val": ValSet(images, boxes, labels, coco),
            "val_targets": detector_targets(boxes, labels, images, det_cfg, torch.float32), "device": args.device}
-    ns = NeuralSimConfig.from_dict(cfg["neuralsim"])
+    ns_dict = dict(cfg["neuralsim"])
+    if args.inverse_hvp:
+        ns_dict["inverse_hvp"] = {**ns_dict["inverse_hvp"], **json.loads(args.inverse_hvp)}
+    ns = NeuralSimConfig.from_dict(ns_dict)
     t0 = time.perf_counter()
     x, bx, lb = _synth(ctx, {c: space.uniform() for c in classes}, args.warm_images, seed=12345)
     warm = train_detector(x, bx, lb, DetectorConfig.from_dict({**det_cfg.to_dict(), "steps": args.warm_steps}), progress=False,
@@ -204,15 +219,22 @@ def main() -> None:
            "cuda_device": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
            "neuralsim": ns.to_dict(), "warm_steps": args.warm_steps, "warm_val_loss": _val_loss(warm, ctx),
            "target": read_json(r / "target/val/distribution.json")["probabilities"], "draws": args.draws,
-           "ft": {"steps": args.ft_steps, "images_per_class": args.ft_images, "seeds": args.ft_seeds}}
-    res["ground_truth"] = ground_truth(ctx, warm, args.ft_steps, args.ft_images, ns.inner_lr, range(args.ft_seeds))
-    res["estimators"], res["inverse"] = measure(ctx, warm, ns, args.draws, res["ground_truth"], args.inverse_draws)
-    res["seconds"] = time.perf_counter() - t0
-    text = json.dumps(res, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+           "ft": {"steps": args.ft_steps, "images_per_class": args.ft_images, "seeds": args.ft_seeds, "mix": args.ft_mix}}
+
+    def write(estimators: dict | None = None, inverse: dict | None = None, draws_done: int = 0) -> None:
+        # rewritten after the ground truth and after every draw, so a time-boxed run keeps what it measured
+        res.update(estimators=estimators, inverse=inverse, draws_done=draws_done, seconds=time.perf_counter() - t0)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(res, indent=1) + "\n")
+            tmp.replace(args.out)
+
+    res["ground_truth"] = ground_truth(ctx, warm, args.ft_steps, args.ft_images, ns.inner_lr, range(args.ft_seeds),
+                                       args.ft_mix)
+    write()
+    write(*measure(ctx, warm, ns, args.draws, res["ground_truth"], args.inverse_draws, on_draw=write), args.draws)
+    print(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

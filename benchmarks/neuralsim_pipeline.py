@@ -254,6 +254,19 @@ class Pipeline:
                                 wildcards={"strategy": strategy, "seed": str(seed)})
 
 
+def partial_oracle(p: Pipeline, factors: list[str]) -> str:
+    """A distribution file with the target's probabilities for ``factors`` and uniform ones for the other factors."""
+    target = json.loads(Path(p.res("target/val/distribution.json")).read_text())
+    probs = {f: (v if f in factors else [1.0 / len(v)] * len(v)) for f, v in target["probabilities"].items()}
+    unknown = set(factors) - set(probs)
+    if unknown:
+        raise SystemExit(f"--partial-oracle: no factor {sorted(unknown)} in the target (has {sorted(probs)})")
+    path = Path(p.res(f"oracle_{'_'.join(factors)}/distribution.json"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**target, "probabilities": probs}, indent=1) + "\n")
+    return str(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job", help=argparse.SUPPRESS)
@@ -264,6 +277,9 @@ def main() -> None:
     ap.add_argument("--loop-device", default=None, help="device of the Neural-Sim loops (default the config's); cpu "
                     "pins each loop to --loop-cores cores of its own")
     ap.add_argument("--loop-cores", type=int, default=2)
+    ap.add_argument("--partial-oracle", action="append", default=[], metavar="FACTORS",
+                    help="also train detectors at the target's distribution of these comma-separated factors only, the "
+                    "others uniform (chain oracle_<factors>): how much of the oracle's gain each factor carries")
     ap.add_argument("--skip-until", default=None, choices=["nerf", "optimize"],
                     help="reuse the data and target (nerf) or also the NeRFs (optimize) of --results")
     args = ap.parse_args()
@@ -303,7 +319,7 @@ def main() -> None:
         summary = {"config": str(args.config), "variants": variants, "job_seconds": dict(p.times), "failed": dict(p.failed),
                    "wall_seconds": round(time.perf_counter() - t0, 1), "loop_device": args.loop_device,
                    "loop_cores": args.loop_cores, "cpu_count": os.cpu_count(), "AP": {}, "neuralsim": {}}
-        for tag in ["uniform", "oracle", *variants]:
+        for tag in ["uniform", "oracle", *partial, *variants]:
             aps = {}
             for s in seeds:
                 f = Path(p.res(f"eval/{tag}/seed_{s}.json"))
@@ -322,6 +338,8 @@ def main() -> None:
         print("summary:", json.dumps({k: summary[k] for k in ("AP", "failed", "wall_seconds")}), flush=True)
 
     chains = [("uniform", "uniform", None, None), ("oracle", "oracle", p.res("target/val/distribution.json"), None)]
+    partial = {f"oracle_{'_'.join(fs.split(','))}": partial_oracle(p, fs.split(",")) for fs in args.partial_oracle}
+    chains += [(tag, "oracle", path, None) for tag, path in partial.items()]
     chains += [(n, "neuralsim", p.res(f"{n}/distribution.json"), p.optimize(n, v, True)) for n, v in variants.items()]
     control = p.optimize("neuralsim_control", dict(cfg["neuralsim"]), False)
     with ThreadPoolExecutor(max_workers=len(chains) + 1) as ex:

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One device call for issue #15's measurements on a config (default: config.yaml): the pipeline's data, target and
+# NeRFs once, then several Neural-Sim variants (estimator, inverse HVP, psi seed) with their detectors, partial oracles
+# (the target's distribution of some factors only), and beside them the estimator-agreement benchmark. Everything
+# runs on the GPU; CXX unset keeps the NeRFs on the PyTorch path (no kernel build). Results land under $OUT.
+#
+#   OUT=/tmp/out LIMIT=540 bash benchmarks/neuralsim_matrix.sh [config.yaml]
+#
+# Needs pycocotools (and PyYAML) importable: wheels in .whl/ are installed into /tmp/site when present.
+set -u
+CONFIG=${1:-config.yaml}
+OUT=${OUT:-/tmp/neuralsim_matrix}
+LIMIT=${LIMIT:-540}            # seconds for the whole call; the pipeline is stopped before it, partial results kept
+VARIANTS=${VARIANTS:-sf0 sf1 cg0 cg1 pw0 az0}
+ESTIMATORS_BENCH=${ESTIMATORS_BENCH:-1}
+R=${RESULTS:-/tmp/ns_matrix_results}
+mkdir -p "$OUT" "$R"
+start=$(date +%s)
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export CXX=/nonexistent
+
+cg='{"method": "cg", "k": 5, "alpha": 0.01, "damping": 0.01, "power_iters": 0}'
+declare -A V=(
+    [sf0]='{"estimator": "score_function", "seed": 0}'
+    [sf1]='{"estimator": "score_function", "seed": 1}'
+    [cg0]="{\"estimator\": \"score_function\", \"seed\": 0, \"inverse_hvp\": $cg}"
+    [cg1]="{\"estimator\": \"score_function\", \"seed\": 1, \"inverse_hvp\": $cg}"
+    [pw0]='{"estimator": "pathwise", "seed": 0}'
+    [pw1]='{"estimator": "pathwise", "seed": 1}'
+    [az0]='{"learned": ["azimuth"], "seed": 0}'
+    [az1]='{"learned": ["azimuth"], "seed": 1}'
+)
+args=()
+for v in $VARIANTS; do args+=(--variant "$v" "${V[$v]}"); done
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/device.txt" 2>&1
+python3 -c "import torch, platform; print(torch.__version__, torch.version.cuda, platform.processor(), flush=True)" >> "$OUT/device.txt"
+
+timeout $((LIMIT - 15)) python3 benchmarks/neuralsim_pipeline.py --config "$CONFIG" --results "$R" "${args[@]}" \
+    --partial-oracle azimuth --partial-oracle elevation,zoom > "$OUT/pipeline.log" 2>&1 &
+pipe=$!
+
+if [ "$ESTIMATORS_BENCH" = 1 ]; then
+    # the estimator benchmark needs the NeRFs and target/val: wait for the validations
+    while kill -0 $pipe 2>/dev/null; do
+        n=$(ls "$R"/nerf/*/validation.json 2>/dev/null | wc -l)
+        [ "$n" -ge 3 ] && [ -f "$R/target/val/annotations.json" ] && break
+        sleep 3
+    done
+    left=$((LIMIT - 20 - $(date +%s) + start))
+    timeout $left python3 benchmarks/neuralsim_estimators.py --results "$R" --config "$CONFIG" --device cuda \
+        --draws 8 --inverse-draws 1 --ft-seeds 4 --out "$OUT/estimators_neumann.json" > "$OUT/estimators_neumann.log" 2>&1 &
+    timeout $left python3 benchmarks/neuralsim_estimators.py --results "$R" --config "$CONFIG" --device cuda \
+        --draws 8 --inverse-draws 0 --ft-seeds 4 --ft-mix 0.5 --inverse-hvp "$cg" \
+        --out "$OUT/estimators_cg_mix0.5.json" > "$OUT/estimators_cg.log" 2>&1 &
+fi
+wait
+echo "wall $(( $(date +%s) - start )) s" >> "$OUT/device.txt"
+cp "$R/pipeline_summary.json" "$OUT/" 2>/dev/null
+for d in "$R"/*/; do
+    name=$(basename "$d")
+    [ -f "$d/trajectory.tsv" ] || continue
+    mkdir -p "$OUT/loops/$name"
+    cp "$d/trajectory.tsv" "$d/distribution.json" "$OUT/loops/$name/" 2>/dev/null
+done
+mkdir -p "$OUT/jobs" && cp "$R"/pipeline_jobs/*.out "$OUT/jobs/" 2>/dev/null
+cp "$R"/nerf/*/validation.json "$OUT/jobs/" 2>/dev/null || true
+for f in "$R"/nerf/*/validation.json; do c=$(basename "$(dirname "$f")"); cp "$f" "$OUT/jobs/validation_$c.json"; done
+true
