@@ -44,7 +44,9 @@ from instsim.neuralsim.distribution import PoseDistribution  # noqa: E402
 from instsim.neuralsim.estimator import ESTIMATORS  # noqa: E402
 from instsim.neuralsim.hypergradient import hypergradient, inverse_hvp_of_training_loss  # noqa: E402
 from instsim.neuralsim.implicit import influences, lambda_max, make_hvp  # noqa: E402
-from instsim.neuralsim.objective import ValSet, detector_targets, val_loss_and_grad  # noqa: E402
+from instsim.detect.loss import loss_terms  # noqa: E402
+from instsim.detect.model import DetectorOutput  # noqa: E402
+from instsim.neuralsim.objective import ValSet, detector_targets, float_images, val_ap, val_loss_and_grad  # noqa: E402
 from instsim.neuralsim.samples import ClassRenderers, draw_samples, render_training_set  # noqa: E402
 from instsim.seeds import generator  # noqa: E402
 from instsim.stages.strategies import detector_config, load_class_nerfs, load_coco_images  # noqa: E402
@@ -71,26 +73,41 @@ def _val_loss(model, ctx) -> float:
     return val_loss_and_grad(model, params, ctx["val"], ctx["val_targets"])[0]
 
 
+def _val_terms(model, ctx) -> dict[str, float]:
+    """The val loss's terms (heatmap focal, size, offset; unweighted means over the val images) and the val AP."""
+    val = ctx["val"]
+    p0 = next(model.parameters())
+    with torch.no_grad():
+        x = float_images(val.images, p0.dtype).to(p0.device)
+        terms = loss_terms(DetectorOutput(*model(x)), ctx["val_targets"].to(p0.device), model.cfg)
+    out = {k: float(v.mean()) for k, v in terms.items()}
+    out["AP"] = val_ap(model, val, ctx["classes"])
+    return out
+
+
 def ground_truth(ctx, warm, steps, n, lr, seeds, mix: float = 1.0) -> dict:
     """Per factor: val loss after fine-tuning on each bin's renders, and the centred direction. ``mix``: the share of
     the fine-tuning set in that bin (1: single bin; below 1 the rest is uniform, a smaller, more local move of psi)."""
     space, out = ctx["space"], {}
     for f in space.FACTORS:
-        losses = []
+        losses, terms = [], []
         for b in range(space.factor(f).bins):
             uni = {k: v.clone() for k, v in space.uniform().items()}
             one = torch.nn.functional.one_hot(torch.tensor(b), space.factor(f).bins).double()
             uni[f] = mix * one + (1.0 - mix) * uni[f]
-            vals = []
+            vals, parts = [], []
             for s in seeds:
                 x, bx, lb = _synth(ctx, {c: uni for c in ctx["classes"]}, n, seed=777 + s)
                 m = copy.deepcopy(warm)
                 finetune(m, x, bx, lb, steps, seed=s, optimizer=torch.optim.AdamW(param_groups(m, m.cfg.weight_decay), lr=lr))
                 vals.append(_val_loss(m.eval(), ctx))
+                parts.append(_val_terms(m, ctx))
             losses.append(sum(vals) / len(vals))
-            print("ground truth", f, b, losses[-1], flush=True)
+            terms.append({k: sum(q[k] for q in parts) / len(parts) for k in parts[0]})
+            print("ground truth", f, b, losses[-1], terms[-1], flush=True)
         mean = sum(losses) / len(losses)
-        out[f] = {"val_loss_per_bin": losses, "direction": [v - mean for v in losses]}
+        out[f] = {"val_loss_per_bin": losses, "direction": [v - mean for v in losses],
+                  "val_terms_per_bin": {k: [t[k] for t in terms] for k in terms[0]}}
     return out
 
 
@@ -230,10 +247,12 @@ def main() -> None:
             tmp.write_text(json.dumps(res, indent=1) + "\n")
             tmp.replace(args.out)
 
+    res["warm_val_terms"] = _val_terms(warm, ctx)
     res["ground_truth"] = ground_truth(ctx, warm, args.ft_steps, args.ft_images, ns.inner_lr, range(args.ft_seeds),
                                        args.ft_mix)
     write()
-    write(*measure(ctx, warm, ns, args.draws, res["ground_truth"], args.inverse_draws, on_draw=write), args.draws)
+    if args.draws > 0:
+        write(*measure(ctx, warm, ns, args.draws, res["ground_truth"], args.inverse_draws, on_draw=write), args.draws)
     print(json.dumps(res, indent=1))
 
 

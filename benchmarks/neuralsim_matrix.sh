@@ -13,6 +13,8 @@ OUT=${OUT:-/tmp/neuralsim_matrix}
 LIMIT=${LIMIT:-540}            # seconds for the whole call; the pipeline is stopped before it, partial results kept
 VARIANTS=${VARIANTS:-sf0 sf1 cg0 cg1 pw0 az0}
 ESTIMATORS_BENCH=${ESTIMATORS_BENCH:-1}
+ESTIMATOR_ARGS=${ESTIMATOR_ARGS:-}     # extra arguments of both estimator benchmarks, e.g. --warm-images 200
+PARTIAL_ORACLES=${PARTIAL_ORACLES:-azimuth elevation,zoom}
 R=${RESULTS:-/tmp/ns_matrix_results}
 mkdir -p "$OUT" "$R"
 start=$(date +%s)
@@ -32,15 +34,31 @@ declare -A V=(
     [pw1]='{"estimator": "pathwise", "seed": 1}'
     [az0]='{"learned": ["azimuth"], "seed": 0}'
     [az1]='{"learned": ["azimuth"], "seed": 1}'
+    # the warm start on as many images as the baseline detectors (200 per class) instead of 64
+    [w0]='{"pretrain_images_per_class": 200, "seed": 0}'
+    [w1]='{"pretrain_images_per_class": 200, "seed": 1}'
+    [w2]='{"pretrain_images_per_class": 200, "seed": 2}'
+    [wpw0]='{"pretrain_images_per_class": 200, "estimator": "pathwise", "seed": 0}'
+    [wcg0]="{\"pretrain_images_per_class\": 200, \"seed\": 0, \"inverse_hvp\": $cg}"
+    [waz0]='{"pretrain_images_per_class": 200, "learned": ["azimuth"], "seed": 0}'
+    # the per-factor control variate, and a KL(psi || uniform) penalty of weight 0.03 / 0.1
+    [pf0]='{"baseline": "per_factor", "seed": 0}'
+    [pf1]='{"baseline": "per_factor", "seed": 1}'
+    [kl0]='{"prior_weight": 0.03, "seed": 0}'
+    [kl1]='{"prior_weight": 0.03, "seed": 1}'
+    [pfkl0]='{"baseline": "per_factor", "prior_weight": 0.03, "seed": 0}'
+    [pfkl1]='{"baseline": "per_factor", "prior_weight": 0.03, "seed": 1}'
+    [kls0]='{"prior_weight": 0.1, "seed": 0}'
 )
 args=()
 for v in $VARIANTS; do args+=(--variant "$v" "${V[$v]}"); done
+for f in $PARTIAL_ORACLES; do args+=(--partial-oracle "$f"); done
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/device.txt" 2>&1
 python3 -c "import torch, platform; print(torch.__version__, torch.version.cuda, platform.processor(), flush=True)" >> "$OUT/device.txt"
 
 timeout $((LIMIT - 15)) python3 benchmarks/neuralsim_pipeline.py --config "$CONFIG" --results "$R" "${args[@]}" \
-    --partial-oracle azimuth --partial-oracle elevation,zoom > "$OUT/pipeline.log" 2>&1 &
+    > "$OUT/pipeline.log" 2>&1 &
 pipe=$!
 
 if [ "$ESTIMATORS_BENCH" = 1 ]; then
@@ -52,21 +70,16 @@ if [ "$ESTIMATORS_BENCH" = 1 ]; then
     done
     left=$((LIMIT - 20 - $(date +%s) + start))
     timeout $left python3 benchmarks/neuralsim_estimators.py --results "$R" --config "$CONFIG" --device cuda \
-        --draws 8 --inverse-draws 1 --ft-seeds 4 --out "$OUT/estimators_neumann.json" > "$OUT/estimators_neumann.log" 2>&1 &
+        --draws 8 --inverse-draws 1 --ft-seeds 4 $ESTIMATOR_ARGS --out "$OUT/estimators_neumann.json" > "$OUT/estimators_neumann.log" 2>&1 &
     timeout $left python3 benchmarks/neuralsim_estimators.py --results "$R" --config "$CONFIG" --device cuda \
-        --draws 8 --inverse-draws 0 --ft-seeds 4 --ft-mix 0.5 --inverse-hvp "$cg" \
+        --draws 8 --inverse-draws 0 --ft-seeds 4 $ESTIMATOR_ARGS --ft-mix 0.5 --inverse-hvp "$cg" \
         --out "$OUT/estimators_cg_mix0.5.json" > "$OUT/estimators_cg.log" 2>&1 &
 fi
 wait
 echo "wall $(( $(date +%s) - start )) s" >> "$OUT/device.txt"
 cp "$R/pipeline_summary.json" "$OUT/" 2>/dev/null
-for d in "$R"/*/; do
-    name=$(basename "$d")
-    [ -f "$d/trajectory.tsv" ] || continue
-    mkdir -p "$OUT/loops/$name"
-    cp "$d/trajectory.tsv" "$d/distribution.json" "$OUT/loops/$name/" 2>/dev/null
-done
-mkdir -p "$OUT/jobs" && cp "$R"/pipeline_jobs/*.out "$OUT/jobs/" 2>/dev/null
-cp "$R"/nerf/*/validation.json "$OUT/jobs/" 2>/dev/null || true
-for f in "$R"/nerf/*/validation.json; do c=$(basename "$(dirname "$f")"); cp "$f" "$OUT/jobs/validation_$c.json"; done
+# the device returns a limited number of files: the job logs, the loops' trajectories and distributions, the NeRF
+# validations and the evaluations in one tarball
+(cd "$R" && tar czf "$OUT/results.tgz" pipeline_jobs $(ls -d */trajectory.tsv */distribution.json nerf/*/validation.json \
+    eval/*/seed_?.json 2>/dev/null))
 true

@@ -25,7 +25,7 @@ from instsim.detect import DetectorConfig
 from instsim.errors import InputError
 from instsim.nerf.config import PRESETS, NerfConfig
 from instsim.nerf.rendering import BACKGROUNDS
-from instsim.neuralsim.estimator import ESTIMATORS
+from instsim.neuralsim.estimator import BASELINES, ESTIMATORS
 from instsim.neuralsim.config import INVERSE_HVP_METHODS, PSI_LR_SCHEDULES, InverseHVPConfig, NeuralSimConfig
 from instsim.neuralsim.distribution import PoseDistribution
 from instsim.neuralsim.sampling import RELAXATIONS
@@ -71,6 +71,7 @@ ENUMS: dict[str, tuple] = {
     "neuralsim.inverse_hvp.method": INVERSE_HVP_METHODS,
     "neuralsim.psi_lr_schedule": PSI_LR_SCHEDULES,
     "neuralsim.estimator": ESTIMATORS,
+    "neuralsim.baseline": BASELINES,
 }
 
 

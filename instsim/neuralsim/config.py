@@ -15,7 +15,7 @@ from typing import Any
 from ..poses import PoseSpace
 from ..config_fields import FieldChecks, dataclass_from_values, is_number
 from ..errors import ConfigError
-from .estimator import ESTIMATORS
+from .estimator import BASELINES, ESTIMATORS
 from .implicit import INVERSE_HVP_METHODS
 from .sampling import HARD_FORWARD_RELAXATIONS, RELAXATIONS
 
@@ -77,6 +77,11 @@ class NeuralSimConfig:
         (through the renderer, the boxes' dependence on the pose included), ``pathwise_fixed_box`` (the boxes
         held fixed, Neural-Sim's) or ``score_function`` (each image's influence times the gradient of its bin's
         log-probability; no render gradient; needs a relaxation whose forward is the hard sample).
+    baseline: the score-function estimator's control variate (:data:`~instsim.neuralsim.estimator.BASELINES`):
+        ``leave_one_out`` (the mean influence of the class's other samples), ``per_factor`` (also removes, from each
+        factor's term, the main effects of the sample's bins of the other factors) or ``none``.
+    prior_weight: beta >= 0: psi descends ``L_val + beta * sum_{class, learned factor} KL(p || uniform)``; the
+        KL term pulls a factor back toward uniform unless the hypergradient keeps pushing it away (0: off).
     psi_lr: Adam learning rate on the logits psi (the first iteration's, with ``psi_lr_schedule: cosine``).
     psi_lr_schedule: ``constant``, or ``cosine``: iteration ``t`` of ``T`` uses ``psi_lr * (1 + cos(pi (t-1) / T)) / 2``,
         meant to let psi settle instead of random-walking at the end (at psi_lr 0.2 it did worse than constant
@@ -106,6 +111,8 @@ class NeuralSimConfig:
     learned: tuple[str, ...] = ("azimuth", "elevation", "zoom")
     inverse_hvp: InverseHVPConfig = field(default_factory=InverseHVPConfig)
     estimator: str = "score_function"
+    baseline: str = "leave_one_out"
+    prior_weight: float = 0.0
     psi_lr: float = 0.1
     psi_lr_schedule: str = "constant"
     grad_clip: float = 1.0
@@ -158,6 +165,9 @@ class NeuralSimConfig:
         ih_check.ints(ih, ("power_iters",), 0)
         if self.estimator not in ESTIMATORS:
             bad("estimator", f"must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
+        if self.baseline not in BASELINES:
+            bad("baseline", f"must be one of {list(BASELINES)}, got {self.baseline!r}")
+        check.numbers(self, ("prior_weight",), 0)
         if self.estimator == "score_function" and self.relaxation not in HARD_FORWARD_RELAXATIONS:
             bad("estimator", f"score_function needs the rendered pose to be the hard sample of its bin: relaxation "
                              f"{list(HARD_FORWARD_RELAXATIONS)}, got {self.relaxation!r}")

@@ -135,6 +135,15 @@ class PoseDistribution(nn.Module):
         """Probabilities ``{factor: (bins,)}`` of class ``cls`` (differentiable for learned factors)."""
         return {f: torch.softmax(l, dim=-1) for f, l in self.logits(cls).items()}
 
+    def kl_to_uniform(self) -> torch.Tensor:
+        """``sum_{class, learned factor} KL(p || uniform)`` in nats, a differentiable scalar (0 at uniform)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for c in self.classes:
+            for f, lp in self.log_probs(c).items():
+                if f in self.learned:
+                    total = total + (lp.exp() * (lp + math.log(lp.numel()))).sum().to(total.dtype)
+        return total
+
     def learned_parameters(self, cls: str) -> dict[str, nn.Parameter]:
         """The logits Parameters ``{factor: (bins,)}`` of class ``cls`` (learned factors only)."""
         self._check_class(cls)

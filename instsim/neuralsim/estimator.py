@@ -36,13 +36,14 @@ import torch
 
 from .implicit import Params, implicit_input_grads
 
-__all__ = ["ESTIMATORS", "BASELINES", "pathwise_input_grads", "leave_one_out_baseline", "score_function_surrogate"]
+__all__ = ["ESTIMATORS", "BASELINES", "pathwise_input_grads", "leave_one_out_baseline", "per_factor_baseline",
+           "score_function_surrogate"]
 
 #: the hypergradient estimators (module docstring); one definition, checked against the config schema's enum
 ESTIMATORS: tuple[str, ...] = ("pathwise", "pathwise_fixed_box", "score_function")
 
-#: control variates of the score-function estimator
-BASELINES: tuple[str, ...] = ("leave_one_out", "none")
+#: control variates of the score-function estimator (:func:`score_function_surrogate`)
+BASELINES: tuple[str, ...] = ("leave_one_out", "per_factor", "none")
 
 
 def pathwise_input_grads(
@@ -82,6 +83,37 @@ def leave_one_out_baseline(values: torch.Tensor) -> torch.Tensor:
     return (values.sum() - values) / (n - 1)
 
 
+def per_factor_baseline(values: torch.Tensor, bins: Mapping[str, torch.Tensor], factor: str) -> torch.Tensor:
+    """``(n,)`` -> ``(n,)``: the baseline of sample ``i`` for ``factor``'s score term: the others' mean plus, for
+    every *other* factor ``g``, the main effect of sample ``i``'s bin of ``g`` (mean of the other samples in that
+    bin minus the others' mean; 0 when no other sample is in it).
+
+    It uses neither ``values[i]`` nor sample ``i``'s bin of ``factor``, and the factors are drawn independently,
+    so subtracting it keeps ``factor``'s score-function term unbiased; it removes the part of ``I_i`` that the
+    other factors explain (e.g. the azimuth's, when learning elevation), which the plain leave-one-out baseline
+    leaves in as noise.
+
+    Args:
+        values: ``(n,)`` the samples' influences; bins: ``{factor: (n,)}`` their bins (every factor drawn).
+    """
+    n = values.numel()
+    if n <= 1:
+        return torch.zeros_like(values)
+    values = values.detach()
+    loo_mean = (values.sum() - values) / (n - 1)
+    c = loo_mean.clone()
+    for g, k in bins.items():
+        if g == factor:
+            continue
+        k = k.to(values.device).long()
+        same = (k[:, None] == k[None, :]).to(values.dtype)
+        same.fill_diagonal_(0.0)  # the other samples in sample i's bin of g
+        count = same.sum(1)
+        mean_in_bin = (same @ values) / count.clamp_min(1.0)
+        c = c + torch.where(count > 0, mean_in_bin - loo_mean, torch.zeros_like(c))
+    return c
+
+
 def score_function_surrogate(
     log_probs: Mapping[str, torch.Tensor],
     bins: Mapping[str, torch.Tensor],
@@ -96,10 +128,12 @@ def score_function_surrogate(
     Args:
         log_probs: ``{factor: (bins,)}`` normalized log-probabilities of the class (``PoseDistribution.log_probs``),
             differentiable for the learned factors.
-        bins: ``{factor: (n_c,)}`` the bins of the class's ``n_c`` hard samples (``hard_bins``).
+        bins: ``{factor: (n_c,)}`` the bins of the class's ``n_c`` hard samples (``hard_bins``; every factor, for
+            ``per_factor``).
         influence: ``(n_c,)`` ``I_i`` of those samples (:func:`~instsim.neuralsim.implicit.influences`), detached.
         n_total: images in the training loss's mean (every class's): the estimate's ``1/n``.
-        baseline: one of :data:`BASELINES`.
+        baseline: one of :data:`BASELINES`: ``leave_one_out`` (the mean influence of the class's other samples),
+            ``per_factor`` (:func:`per_factor_baseline`, for each factor's term) or ``none``.
         factors: the factors whose log-probability enters (default every factor in ``log_probs``; fixed factors
             contribute no gradient anyway).
 
@@ -111,8 +145,6 @@ def score_function_surrogate(
     if n_total < 1:
         raise ValueError(f"n_total must be >= 1, got {n_total}")
     influence = influence.detach()
-    c = leave_one_out_baseline(influence) if baseline == "leave_one_out" else torch.zeros_like(influence)
-    weight = (influence - c) / float(n_total)
     names = list(factors) if factors is not None else list(log_probs)
     total = None
     for f in names:
@@ -120,6 +152,13 @@ def score_function_surrogate(
         k = bins[f].to(lp.device).long()
         if k.shape != influence.shape:
             raise ValueError(f"bins[{f!r}] has shape {tuple(k.shape)}, the influences {tuple(influence.shape)}")
+        if baseline == "per_factor":
+            c = per_factor_baseline(influence, bins, f)
+        elif baseline == "leave_one_out":
+            c = leave_one_out_baseline(influence)
+        else:
+            c = torch.zeros_like(influence)
+        weight = (influence - c) / float(n_total)
         term = (weight.to(device=lp.device, dtype=lp.dtype) * lp[k]).sum()
         total = term if total is None else total + term
     if total is None:

@@ -101,7 +101,7 @@ def hypergradient(
             if len(idx):
                 bins = hard_bins(dist.logits(c), samples[c].noise[idx])  # the bins the rendered poses lie in
                 term = score_function_surrogate(dist.log_probs(c), bins, infl[start:start + len(idx)], len(x),
-                                                factors=dist.learned)
+                                                baseline=cfg.baseline, factors=dist.learned)
                 surrogate = term if surrogate is None else surrogate + term
             start += len(idx)
         if surrogate is not None and surrogate.requires_grad:

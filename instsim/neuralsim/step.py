@@ -12,7 +12,8 @@
    ``-d/d(x, b)[(dL_train/dtheta) . u]`` (**minus sign of the implicit-function theorem included**) through a
    re-render of the same samples with gradient to psi, boxes included; ``score_function`` weights each image's
    influence by the gradient of its bin's log-probability;
-7. clip the gradient norm and take an Adam step on psi, descending ``L_val``.
+7. add ``prior_weight`` times the gradient of psi's KL divergence to uniform, clip the gradient norm and take an
+   Adam step on psi, descending ``L_val`` (plus that penalty).
 
 Without a psi optimizer (the *control*) steps 4-7 are skipped: psi never moves.
 """
@@ -85,6 +86,8 @@ def _hypergradient(iteration: int, problem: BilevelProblem, state: LoopState, cf
     dist, opt = state.dist, state.psi_optimizer
     out = hypergradient(iteration, problem.renders, dist, state.detector, problem.detector_cfg, cfg, samples, train,
                         params, v)
+    if cfg.prior_weight > 0:
+        (cfg.prior_weight * dist.kl_to_uniform()).backward()  # accumulates onto dL_val/dpsi
     ps = [p for p in dist.parameters() if p.grad is not None]
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(ps, cfg.grad_clip)
