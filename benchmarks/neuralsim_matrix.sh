@@ -2,7 +2,7 @@
 # One device call for issue #15's measurements on a config (default: config.yaml): the pipeline's data, target and
 # NeRFs once, then several Neural-Sim variants (estimator, inverse HVP, psi seed) with their detectors, partial oracles
 # (the target's distribution of some factors only), and beside them the estimator-agreement benchmark. Everything
-# runs on the GPU; CXX unset keeps the NeRFs on the PyTorch path (no kernel build). Results land under $OUT.
+# runs on the GPU; KERNELS=1 builds the NeRF kernels (for nerf.backend: cuda). Results land under $OUT.
 #
 #   OUT=/tmp/out LIMIT=540 bash benchmarks/neuralsim_matrix.sh [config.yaml]
 #
@@ -14,7 +14,7 @@ LIMIT=${LIMIT:-540}            # seconds for the whole call; the pipeline is sto
 VARIANTS=${VARIANTS:-sf0 sf1 cg0 cg1 pw0 az0}
 ESTIMATORS_BENCH=${ESTIMATORS_BENCH:-1}
 ESTIMATOR_ARGS=${ESTIMATOR_ARGS:-}     # extra arguments of both estimator benchmarks, e.g. --warm-images 200
-PARTIAL_ORACLES=${PARTIAL_ORACLES:-azimuth elevation,zoom}
+PARTIAL_ORACLES=${PARTIAL_ORACLES-azimuth elevation,zoom}   # set to "" for none
 R=${RESULTS:-/tmp/ns_matrix_results}
 mkdir -p "$OUT" "$R"
 start=$(date +%s)
@@ -22,7 +22,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-export CXX=/nonexistent
+# KERNELS=0 (default): CXX unset keeps the NeRFs on the PyTorch path (no kernel build); 1 for nerf.backend: cuda
+[ "${KERNELS:-0}" = 1 ] || export CXX=/nonexistent
 
 cg='{"method": "cg", "k": 5, "alpha": 0.01, "damping": 0.01, "power_iters": 0}'
 declare -A V=(
@@ -49,6 +50,8 @@ declare -A V=(
     [pfkl0]='{"baseline": "per_factor", "prior_weight": 0.03, "seed": 0}'
     [pfkl1]='{"baseline": "per_factor", "prior_weight": 0.03, "seed": 1}'
     [kls0]='{"prior_weight": 0.1, "seed": 0}'
+    [loo0]='{"baseline": "leave_one_out", "seed": 0}'
+    [loo1]='{"baseline": "leave_one_out", "seed": 1}'
 )
 args=()
 for v in $VARIANTS; do args+=(--variant "$v" "${V[$v]}"); done

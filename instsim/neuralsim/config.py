@@ -111,7 +111,7 @@ class NeuralSimConfig:
     learned: tuple[str, ...] = ("azimuth", "elevation", "zoom")
     inverse_hvp: InverseHVPConfig = field(default_factory=InverseHVPConfig)
     estimator: str = "score_function"
-    baseline: str = "leave_one_out"
+    baseline: str = "per_factor"
     prior_weight: float = 0.0
     psi_lr: float = 0.1
     psi_lr_schedule: str = "constant"
