@@ -51,6 +51,15 @@ declare -A V=(
     [pfkl1]='{"baseline": "per_factor", "prior_weight": 0.03, "seed": 1}'
     [kls0]='{"prior_weight": 0.1, "seed": 0}'
     [loo0]='{"baseline": "leave_one_out", "seed": 0}'
+    # with the per_factor default: more psi seeds, longer fine-tuning, a smaller psi step, azimuth only
+    [pf2]='{"baseline": "per_factor", "seed": 2}'
+    [pf3]='{"baseline": "per_factor", "seed": 3}'
+    [pfn0]='{"baseline": "per_factor", "inner_steps": 20, "seed": 0}'
+    [pfn1]='{"baseline": "per_factor", "inner_steps": 20, "seed": 1}'
+    [pflr0]='{"baseline": "per_factor", "psi_lr": 0.05, "seed": 0}'
+    [pflr1]='{"baseline": "per_factor", "psi_lr": 0.05, "seed": 1}'
+    [pfaz0]='{"baseline": "per_factor", "learned": ["azimuth"], "seed": 0}'
+    [pfaz1]='{"baseline": "per_factor", "learned": ["azimuth"], "seed": 1}'
     [loo1]='{"baseline": "leave_one_out", "seed": 1}'
 )
 args=()

@@ -280,6 +280,8 @@ def main() -> None:
     ap.add_argument("--partial-oracle", action="append", default=[], metavar="FACTORS",
                     help="also train detectors at the target's distribution of these comma-separated factors only, the "
                     "others uniform (chain oracle_<factors>): how much of the oracle's gain each factor carries")
+    ap.add_argument("--skip-baselines", action="store_true",
+                    help="with --skip-until optimize: reuse the uniform and oracle evaluations and the control of --results")
     ap.add_argument("--skip-until", default=None, choices=["nerf", "optimize"],
                     help="reuse the data and target (nerf) or also the NeRFs (optimize) of --results")
     args = ap.parse_args()
@@ -298,6 +300,8 @@ def main() -> None:
         p.phase(p.datasets())
         p.phase(p.intrinsics())
         p.phase(p.nerfs_and_target())
+    if args.skip_baselines and args.skip_until != "optimize":
+        raise SystemExit("--skip-baselines needs --skip-until optimize (the baselines' detectors must exist)")
     if args.skip_until in (None, "nerf"):
         if args.skip_until == "nerf":
             p.phase({k: v for k, v in p.nerfs_and_target().items() if k.startswith("train_nerf")})
@@ -337,14 +341,17 @@ def main() -> None:
         tmp.replace(args.results / "pipeline_summary.json")
         print("summary:", json.dumps({k: summary[k] for k in ("AP", "failed", "wall_seconds")}), flush=True)
 
-    chains = [("uniform", "uniform", None, None), ("oracle", "oracle", p.res("target/val/distribution.json"), None)]
+    chains = [] if args.skip_baselines else [("uniform", "uniform", None, None),
+                                             ("oracle", "oracle", p.res("target/val/distribution.json"), None)]
     partial = {f"oracle_{'_'.join(fs.split(','))}": partial_oracle(p, fs.split(",")) for fs in args.partial_oracle}
     chains += [(tag, "oracle", path, None) for tag, path in partial.items()]
     chains += [(n, "neuralsim", p.res(f"{n}/distribution.json"), p.optimize(n, v, True)) for n, v in variants.items()]
     control = p.optimize("neuralsim_control", dict(cfg["neuralsim"]), False)
     with ThreadPoolExecutor(max_workers=len(chains) + 1) as ex:
         futures = [ex.submit(chain, *c) for c in chains]
-        futures.append(ex.submit(lambda: (p._launch("optimize_distribution/neuralsim_control", control, p.n_loops), write_summary())))
+        if not args.skip_baselines:
+            futures.append(ex.submit(lambda: (p._launch("optimize_distribution/neuralsim_control", control, p.n_loops),
+                                              write_summary())))
         for f in futures:
             f.result()
     write_summary()

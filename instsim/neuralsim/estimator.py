@@ -16,8 +16,9 @@ estimator (:data:`ESTIMATORS`, config ``neuralsim.estimator``):
   from size/offset targets that are tensor functions of the box
   (:func:`~instsim.detect.targets.with_box_gradient`). Needs a pose gradient of the renderer.
 * ``pathwise_fixed_box`` -- the same without the ``g_b`` term: the boxes held at the no-grad render's while the
-  image moves (Neural-Sim's, and this loop's before issue #15). Biased: as zoom moves the camera closer the true
-  box grows but the label does not, so the gradient rewards views that fit the old box.
+  image moves (Neural-Sim's, and this loop's before issue #15). Biased where the loss is smooth in the box: as zoom
+  moves the camera closer the true box grows but the label does not. With L1 size/offset losses (this detector's)
+  ``d^2 l / (dtheta db)`` is 0 almost everywhere, so there the two pathwise estimators agree.
 * ``score_function`` -- the hard samples' bins ``k_i ~ p_psi`` (Gumbel-max), ``E_psi[f] = sum_k p_psi(k) f(k)``::
 
       dL_val/dpsi = (1/n) sum_i (I_i - c_i) d/dpsi log p_psi(k_i),   I_i = -(dl_i/dtheta) . u
