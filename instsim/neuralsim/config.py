@@ -113,7 +113,7 @@ class NeuralSimConfig:
     estimator: str = "score_function"
     baseline: str = "per_factor"
     prior_weight: float = 0.0
-    psi_lr: float = 0.1
+    psi_lr: float = 0.05
     psi_lr_schedule: str = "constant"
     grad_clip: float = 1.0
     pretrain_steps: int = 300
